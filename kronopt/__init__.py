@@ -1,0 +1,25 @@
+"""kronopt: Kronecker-factored preconditioned optimizers for JAX and Optax."""
+
+from kronopt.diagnostics import diagnostics
+from kronopt.engine import PreconditionerState
+from kronopt.graft import GraftState
+from kronopt.graft import graft
+from kronopt.layout import make_layout
+from kronopt.optimizers import ema_momentum
+from kronopt.optimizers import shampoo
+from kronopt.preconditioners.shampoo import ShampooGroupState
+from kronopt.preconditioners.shampoo import scale_by_shampoo
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GraftState",
+    "PreconditionerState",
+    "ShampooGroupState",
+    "diagnostics",
+    "ema_momentum",
+    "graft",
+    "make_layout",
+    "scale_by_shampoo",
+    "shampoo",
+]

@@ -1,0 +1,197 @@
+"""The shared loop of every Kronecker-factored preconditioner.
+
+parameters → :mod:`kronopt.layout` → **engine** → preconditioner → graft.
+
+An algorithm (Shampoo, CASPR, Sketchy, KrADagrad, …) is a small object with
+four methods over one *group* of ``N`` stacked blocks ``G`` (``[N, *block]``,
+float32):
+
+* ``init_group(block_shape, n)`` → a NamedTuple of ``[n, …]`` arrays;
+* ``update_statistics(state, g, count)`` → state, every step;
+* ``refresh(state)`` → ``(candidate_state, residual[n])``, the expensive
+  part (matrix roots), every ``precondition_every`` steps;
+* ``precondition(state, g)`` → the direction ``D`` (``[N, *block]``).
+
+The engine (ALGORITHMS.md §0) lays the gradient out in groups, updates the
+statistics, runs the refresh under ``lax.cond`` on the step count, guards it,
+applies the preconditioner and lays the direction back out as a tree:
+
+* A step whose gradient has a non-finite entry leaves every statistic
+  untouched, returns a zero direction and is counted in ``skipped``.
+* A refreshed block whose candidate state is non-finite or whose residual
+  exceeds ``inverse_failure_threshold`` is rejected: the block keeps its
+  previous state and the rejection is counted in ``failures``.
+* Before ``start_preconditioning_step`` the direction is the gradient itself
+  (:func:`kronopt.graft` then substitutes the magnitude's own update).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Protocol
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+from kronopt import checks
+from kronopt import layout as layout_lib
+
+
+class Preconditioner(Protocol):
+  """What an algorithm provides to the engine (see the module docstring)."""
+
+  def init_group(self, block_shape: tuple[int, ...], n: int) -> Any:
+    ...
+
+  def update_statistics(self, state: Any, g: jax.Array, count: jax.Array
+                        ) -> Any:
+    ...
+
+  def refresh(self, state: Any) -> tuple[Any, jax.Array]:
+    ...
+
+  def precondition(self, state: Any, g: jax.Array) -> jax.Array:
+    ...
+
+
+class PreconditionerState(NamedTuple):
+  """State of every engine-built transform.
+
+  Attributes:
+    count: int32 number of updates taken.
+    groups: per group of stacked blocks, the algorithm's NamedTuple state.
+    preconditioned: bool, whether the last update used the preconditioner
+      (``count ≥ start_preconditioning_step``); read by :func:`kronopt.graft`.
+    failures: int32 number of block refreshes rejected by the guard.
+    skipped: int32 number of steps whose gradient was non-finite.
+    residual: float32 largest residual of the last refresh.
+  """
+  count: chex.Array
+  groups: tuple
+  preconditioned: chex.Array
+  failures: chex.Array
+  skipped: chex.Array
+  residual: chex.Array
+
+
+def tree_all_finite(tree) -> jax.Array:
+  """A scalar bool: every entry of every leaf is finite."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def tree_select(pred, on_true, on_false):
+  """``jnp.where(pred, a, b)`` leaf by leaf (pred a scalar or per-block)."""
+  def sel(a, b):
+    p = jnp.reshape(pred, jnp.shape(pred) + (1,) * (a.ndim - jnp.ndim(pred)))
+    return jnp.where(p, a, b)
+  return jax.tree_util.tree_map(sel, on_true, on_false)
+
+
+def _block_ok(candidate, residual, threshold):
+  """Per block: every leaf finite and the residual within the threshold."""
+  ok = jnp.isfinite(residual) & (residual <= threshold)
+  for leaf in jax.tree_util.tree_leaves(candidate):
+    ok &= jnp.all(jnp.isfinite(leaf), axis=tuple(range(1, leaf.ndim)))
+  return ok
+
+
+def guarded_refresh(precond: Preconditioner, groups, threshold):
+  """Refreshes every group, keeping the old state of each rejected block.
+
+  Returns ``(groups, rejected_count, worst_residual)``.
+  """
+  new_groups, rejected, worst = [], jnp.zeros([], jnp.int32), jnp.zeros([])
+  for state in groups:
+    candidate, residual = precond.refresh(state)
+    ok = _block_ok(candidate, residual, threshold)
+    new_groups.append(tree_select(ok, candidate, state))
+    rejected += jnp.sum(~ok).astype(jnp.int32)
+    finite_res = jnp.where(jnp.isfinite(residual), residual, jnp.inf)
+    worst = jnp.maximum(worst, jnp.max(finite_res, initial=0.0))
+  return tuple(new_groups), rejected, worst
+
+
+def preconditioner_transform(
+    precond: Preconditioner,
+    *,
+    block_size: int,
+    precondition_every: int,
+    start_preconditioning_step: int,
+    inverse_failure_threshold: float,
+) -> optax.GradientTransformationExtraArgs:
+  """Builds the optax transform of an algorithm on the shared engine.
+
+  Args:
+    precond: the algorithm (see :class:`Preconditioner`).
+    block_size: the largest block dimension (see :mod:`kronopt.layout`).
+    precondition_every: refresh period in steps.
+    start_preconditioning_step: first step at which the preconditioner is
+      refreshed and applied.
+    inverse_failure_threshold: largest residual a refreshed block may have.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose state is a
+    :class:`PreconditionerState`. Unknown extra arguments are ignored.
+
+  Raises:
+    ValueError: for an argument out of its valid range.
+  """
+  checks.check_int("block_size", block_size, low=2)
+  checks.check_int("precondition_every", precondition_every, low=1)
+  checks.check_int("start_preconditioning_step", start_preconditioning_step,
+                   low=0)
+  checks.check_number("inverse_failure_threshold", inverse_failure_threshold,
+                      low=0.0, low_open=True)
+
+  def init_fn(params):
+    lay = layout_lib.make_layout(params, block_size)
+    groups = tuple(precond.init_group(shape, n) for shape, n in
+                   zip(lay.group_shapes, lay.group_sizes))
+    return PreconditionerState(
+        count=jnp.zeros([], jnp.int32),
+        groups=groups,
+        preconditioned=jnp.asarray(False),
+        failures=jnp.zeros([], jnp.int32),
+        skipped=jnp.zeros([], jnp.int32),
+        residual=jnp.zeros([], jnp.float32),
+    )
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del params, extra_args
+    lay = layout_lib.make_layout(updates, block_size)
+    count = state.count
+    finite = tree_all_finite(updates)
+    blocks = layout_lib.block(lay, updates)
+    blocks = [jnp.where(finite, g, 0.0) for g in blocks]
+
+    stepped = tuple(precond.update_statistics(s, g, count)
+                    for s, g in zip(state.groups, blocks))
+    groups = tree_select(finite, stepped, state.groups)
+
+    active = count >= start_preconditioning_step
+    due = active & ((count - start_preconditioning_step)
+                    % precondition_every == 0)
+    groups, rejected, residual = jax.lax.cond(
+        due,
+        lambda gs: guarded_refresh(precond, gs, inverse_failure_threshold),
+        lambda gs: (gs, jnp.zeros([], jnp.int32), state.residual),
+        groups)
+
+    directions = [jnp.where(active, precond.precondition(s, g), g)
+                  for s, g in zip(groups, blocks)]
+    out = layout_lib.unblock(lay, directions, updates)
+    out = jax.tree_util.tree_map(
+        lambda u: jnp.where(finite, u, jnp.zeros_like(u)), out)
+    new_state = PreconditionerState(
+        count=optax.safe_int32_increment(count),
+        groups=groups,
+        preconditioned=active,
+        failures=state.failures + rejected,
+        skipped=state.skipped + (~finite).astype(jnp.int32),
+        residual=residual.astype(jnp.float32),
+    )
+    return out, new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,0 +1,1 @@
+"""Linear algebra apart from optimizer plumbing."""

@@ -1,0 +1,114 @@
+"""Ready-made optimizers: each a chain ending in the learning rate.
+
+    graft(scale_by_X(...), magnitude) → momentum (β₁ EMA, optional Nesterov)
+      → decoupled weight decay → learning rate (float or optax schedule)
+
+(ALGORITHMS.md §0, "After the preconditioner").
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+from kronopt import checks
+from kronopt.graft import graft
+from kronopt.preconditioners.shampoo import scale_by_shampoo
+
+
+class EmaMomentumState(NamedTuple):
+  momentum: optax.Updates
+
+
+def ema_momentum(b1: float = 0.9, nesterov: bool = True
+                 ) -> optax.GradientTransformation:
+  """``m ← β₁ m + (1−β₁) u``; returns ``m`` or, with Nesterov, ``β₁ m + (1−β₁) u``.
+
+  The momentum is kept in each update's dtype.
+  """
+  checks.check_number("b1", b1, low=0.0, high=1.0, high_open=True)
+
+  def init_fn(params):
+    return EmaMomentumState(optax.tree.zeros_like(params))
+
+  def update_fn(updates, state, params=None):
+    del params
+    m = jax.tree_util.tree_map(
+        lambda mu, u: (b1 * mu + (1.0 - b1) * u).astype(u.dtype),
+        state.momentum, updates)
+    if nesterov:
+      out = jax.tree_util.tree_map(
+          lambda mu, u: (b1 * mu + (1.0 - b1) * u).astype(u.dtype), m, updates)
+    else:
+      out = m
+    return out, EmaMomentumState(m)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def chain_after_direction(direction, learning_rate, *, b1, nesterov,
+                          weight_decay, graft_type, graft_eps=1e-8,
+                          graft_b2=0.999):
+  """graft → momentum → weight decay → learning rate, shared by every alias."""
+  checks.check_number("weight_decay", weight_decay, low=0.0)
+  if not callable(learning_rate):
+    checks.check_number("learning_rate", learning_rate, low=0.0)
+  return optax.chain(
+      graft(direction, graft_type, b2=graft_b2, eps=graft_eps),
+      ema_momentum(b1, nesterov),
+      optax.add_decayed_weights(weight_decay),
+      optax.scale_by_learning_rate(learning_rate),
+  )
+
+
+def shampoo(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    epsilon: float = 1e-6,
+    weight_decay: float = 0.0,
+    nesterov: bool = True,
+    block_size: int = 1024,
+    precondition_every: int = 10,
+    start_preconditioning_step: int = 10,
+    root_method: str = "eigh",
+    exponent: Optional[float] = None,
+    one_sided: bool = False,
+    relative_epsilon: bool = True,
+    inverse_failure_threshold: float = 0.1,
+    graft_type: str = "adam",
+    graft_eps: float = 1e-8,
+) -> optax.GradientTransformationExtraArgs:
+  """Shampoo with Adam grafting, momentum and decoupled weight decay.
+
+  Gupta et al. 2018; Anil et al. 2020 (ALGORITHMS.md §1). See
+  :func:`kronopt.scale_by_shampoo` for the preconditioner's arguments.
+
+  Args:
+    learning_rate: a float or an optax schedule.
+    b1: momentum EMA decay applied after grafting.
+    b2: statistics decay of the preconditioner and of the graft's second
+      moment.
+    weight_decay: decoupled weight decay (AdamW-style, before the learning
+      rate).
+    nesterov: Nesterov form of the momentum.
+    graft_type: ``"adam"``, ``"adagrad"``, ``"rmsprop"``, ``"sgd"`` or
+      ``"none"``.
+    graft_eps: ε of the graft optimizer.
+  """
+  direction = scale_by_shampoo(
+      block_size=block_size, b2=b2, epsilon=epsilon, exponent=exponent,
+      precondition_every=precondition_every,
+      start_preconditioning_step=start_preconditioning_step,
+      root_method=root_method, one_sided=one_sided,
+      relative_epsilon=relative_epsilon,
+      inverse_failure_threshold=inverse_failure_threshold)
+  return chain_after_direction(
+      direction, learning_rate, b1=b1, nesterov=nesterov,
+      weight_decay=weight_decay, graft_type=graft_type, graft_eps=graft_eps,
+      graft_b2=b2)

@@ -1,0 +1,1 @@
+"""One module per algorithm, each a small file of math on the shared engine."""

@@ -1,0 +1,185 @@
+"""Shampoo (Gupta, Koren & Singer 2018; Anil et al. 2020) -- ALGORITHMS.md §1.
+
+Per block ``G`` (an order-k tensor) and preconditioned axis i:
+
+    statistic   L_i ← β₂ L_i + (1−β₂) G_(i) G_(i)ᵀ     (β₂ = 1: plain sum)
+    root        P_i = L_i^{-1/p},  p = 2k by default    (every refresh)
+    direction   D = G ×_1 P_1 ×_2 … ×_k P_k             (D = P_L G P_R for k = 2)
+
+Statistics start at 0 (damping comes from ε relative to λ_max) and roots at
+``I``. ``one_sided`` preconditions only the smallest axis of each block.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple, Optional
+
+import jax.numpy as jnp
+import optax
+
+from kronopt import checks
+from kronopt import engine
+from kronopt.linalg import kronecker
+from kronopt.linalg import roots as roots_lib
+
+
+class ShampooGroupState(NamedTuple):
+  """Per group of ``N`` stacked blocks, per preconditioned axis i.
+
+  Attributes:
+    stats: tuple of ``[N, d_i, d_i]`` statistics ``L_i``.
+    roots: tuple of ``[N, d_i, d_i]`` inverse roots ``P_i``.
+  """
+  stats: tuple
+  roots: tuple
+
+
+def statistics_weight(b2):
+  """The weight of the new outer product: ``1 − β₂``, or 1 when ``β₂ = 1``."""
+  return jnp.where(b2 == 1.0, 1.0, 1.0 - b2)
+
+
+def preconditioned_axes(block_shape, one_sided: bool) -> tuple[int, ...]:
+  """All axes of a block, or only its smallest one (``one_sided``)."""
+  if not one_sided:
+    return tuple(range(len(block_shape)))
+  return (min(range(len(block_shape)), key=lambda i: block_shape[i]),)
+
+
+def default_exponent(num_axes: int) -> float:
+  """Shampoo's ``−1/(2k)`` for ``k`` preconditioned axes."""
+  return -1.0 / (2 * num_axes)
+
+
+@dataclasses.dataclass(frozen=True)
+class Shampoo:
+  """Shampoo on the engine (see :func:`kronopt.scale_by_shampoo`)."""
+  b2: Any = 0.999
+  epsilon: Any = 1e-6
+  exponent: Optional[Any] = None
+  relative_epsilon: Any = True
+  root_method: str = "eigh"
+  one_sided: bool = False
+  newton_max_iters: int = 100
+  newton_tol: float = 1e-6
+
+  def axes(self, block_shape):
+    return preconditioned_axes(block_shape, self.one_sided)
+
+  def power(self, num_axes: int) -> Any:
+    """``p`` of the root ``L^{-1/p}``."""
+    exponent = (default_exponent(num_axes) if self.exponent is None
+                else self.exponent)
+    return -1.0 / exponent
+
+  def init_group(self, block_shape, n):
+    axes = self.axes(block_shape)
+    dims = [block_shape[i] for i in axes]
+    zeros = tuple(jnp.zeros((n, d, d), jnp.float32) for d in dims)
+    eyes = tuple(jnp.broadcast_to(jnp.eye(d, dtype=jnp.float32), (n, d, d))
+                 for d in dims)
+    return ShampooGroupState(stats=zeros, roots=eyes)
+
+  def update_statistics(self, state, g, count):
+    del count
+    w = statistics_weight(self.b2)
+    stats = tuple(
+        self.b2 * s + w * kronecker.mode_gram(g, axis)
+        for s, axis in zip(state.stats, self.axes(g.shape[1:])))
+    return state._replace(stats=stats)
+
+  def refresh(self, state):
+    p = self.power(len(state.stats))
+    if self.root_method == "newton":
+      p = int(round(p))
+    results = [roots_lib.inverse_root(
+        s, p, method=self.root_method, epsilon=self.epsilon,
+        relative_epsilon=self.relative_epsilon,
+        **self._newton_kwargs()) for s in state.stats]
+    new_roots = tuple(r for r, _ in results)
+    residual = jnp.max(jnp.stack([res for _, res in results]), axis=0)
+    return state._replace(roots=new_roots), residual
+
+  def _newton_kwargs(self):
+    if self.root_method != "newton":
+      return {}
+    return dict(max_iters=self.newton_max_iters, tol=self.newton_tol)
+
+  def precondition(self, state, g):
+    return kronecker.kron_apply(
+        g, dict(zip(self.axes(g.shape[1:]), state.roots)))
+
+
+def check_root_args(*, b2, epsilon, exponent, root_method):
+  """Validation shared by the Shampoo-family transforms."""
+  checks.check_number("b2", b2, low=0.0, high=1.0, low_open=True)
+  checks.check_number("epsilon", epsilon, low=0.0)
+  checks.check_number("exponent", exponent, low=-1.0, high=0.0,
+                      high_open=True, allow_none=True)
+  checks.check_choice("root_method", root_method, ROOT_METHODS)
+  if root_method == "newton" and exponent is not None:
+    p = -1.0 / float(exponent)
+    if abs(p - round(p)) > 1e-6:
+      raise ValueError(
+          f"exponent={exponent!r} with root_method='newton' must be -1/p for "
+          "an integer p; use root_method='eigh' for other exponents.")
+
+
+ROOT_METHODS = ("eigh", "newton")
+
+
+def scale_by_shampoo(
+    *,
+    block_size: int = 1024,
+    b2: float = 0.999,
+    epsilon: float = 1e-6,
+    exponent: Optional[float] = None,
+    precondition_every: int = 10,
+    start_preconditioning_step: int = 10,
+    root_method: str = "eigh",
+    one_sided: bool = False,
+    relative_epsilon: bool = True,
+    inverse_failure_threshold: float = 0.1,
+    newton_max_iters: int = 100,
+    newton_tol: float = 1e-6,
+) -> optax.GradientTransformationExtraArgs:
+  """Shampoo's preconditioned direction ``D = P_L G P_R`` (ALGORITHMS §1).
+
+  Gupta, Koren & Singer, "Shampoo: Preconditioned stochastic tensor
+  optimization", ICML 2018; Anil et al., "Scalable second order optimization
+  for deep learning", 2020. Usually wrapped in :func:`kronopt.graft`.
+
+  Args:
+    block_size: largest block dimension; larger dimensions are split.
+    b2: statistics EMA decay ``β₂`` in ``(0, 1]``; 1 is a plain sum.
+    epsilon: damping ``ε``; relative to λ_max unless ``relative_epsilon`` is
+      False, in which case it is the papers' absolute ``A + εI``.
+    exponent: root exponent ``−1/p`` per factor; ``None`` is ``−1/(2k)`` for
+      ``k`` preconditioned axes.
+    precondition_every: steps between root refreshes.
+    start_preconditioning_step: first step preconditioned.
+    root_method: ``"eigh"`` or ``"newton"`` (coupled Newton, matmul only).
+    one_sided: precondition only the smallest axis of each block.
+    relative_epsilon: damping relative to λ_max (default) or absolute.
+    inverse_failure_threshold: largest residual a refreshed root may have.
+    newton_max_iters: iteration cap of the coupled Newton method.
+    newton_tol: convergence tolerance on ``max|M − I|`` for Newton.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` with a
+    :class:`kronopt.PreconditionerState` of :class:`ShampooGroupState` groups.
+  """
+  check_root_args(b2=b2, epsilon=epsilon, exponent=exponent,
+                  root_method=root_method)
+  checks.check_int("newton_max_iters", newton_max_iters, low=1)
+  checks.check_number("newton_tol", newton_tol, low=0.0, low_open=True)
+  precond = Shampoo(
+      b2=b2, epsilon=epsilon, exponent=exponent,
+      relative_epsilon=relative_epsilon, root_method=root_method,
+      one_sided=one_sided, newton_max_iters=newton_max_iters,
+      newton_tol=newton_tol)
+  return engine.preconditioner_transform(
+      precond, block_size=block_size, precondition_every=precondition_every,
+      start_preconditioning_step=start_preconditioning_step,
+      inverse_failure_threshold=inverse_failure_threshold)
