@@ -2,8 +2,8 @@
 
 from kronopt.diagnostics import diagnostics
 from kronopt.engine import PreconditionerState
-from kronopt.graft import GraftState
-from kronopt.graft import graft
+from kronopt.grafting import GraftState
+from kronopt.grafting import graft
 from kronopt.layout import make_layout
 from kronopt.optimizers import ema_momentum
 from kronopt.optimizers import shampoo

@@ -8,16 +8,9 @@ to log every step.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
-from kronopt.engine import PreconditionerState
-
-
-def _engine_states(state):
-  is_engine = lambda x: isinstance(x, PreconditionerState)
-  return [s for s in jax.tree_util.tree_leaves(state, is_leaf=is_engine)
-          if is_engine(s)]
+from kronopt.engine import find_states
 
 
 def diagnostics(state) -> dict:
@@ -35,7 +28,7 @@ def diagnostics(state) -> dict:
   Raises:
     ValueError: if ``state`` holds no kronopt preconditioner.
   """
-  found = _engine_states(state)
+  found = find_states(state)
   if not found:
     raise ValueError("diagnostics(state): the state holds no kronopt "
                      "preconditioner state (PreconditionerState).")

@@ -76,6 +76,13 @@ class PreconditionerState(NamedTuple):
 
 
 def tree_all_finite(tree) -> jax.Array:
+def find_states(tree) -> list[PreconditionerState]:
+  """Every :class:`PreconditionerState` inside an optax state, in tree order."""
+  is_engine = lambda x: isinstance(x, PreconditionerState)
+  return [s for s in jax.tree_util.tree_leaves(tree, is_leaf=is_engine)
+          if is_engine(s)]
+
+
   """A scalar bool: every entry of every leaf is finite."""
   leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from kronopt import checks
-from kronopt.graft import graft
+from kronopt.grafting import graft
 from kronopt.preconditioners.shampoo import scale_by_shampoo
 
 

@@ -55,10 +55,7 @@ def _preconditioned(direction_state) -> jax.Array:
   Read from the :class:`kronopt.engine.PreconditionerState` inside the
   direction's state; a direction without one always counts as preconditioned.
   """
-  is_engine = lambda x: isinstance(x, engine.PreconditionerState)
-  found = [s for s in jax.tree_util.tree_leaves(direction_state,
-                                                 is_leaf=is_engine)
-           if is_engine(s)]
+  found = engine.find_states(direction_state)
   return found[0].preconditioned if found else jnp.asarray(True)
 
 
