@@ -60,18 +60,48 @@ def power_iteration(a, num_iters: int = 20):
 def damping(lam_max, epsilon, relative_epsilon):
   """The damping added to every eigenvalue: ``ε·max(λ_max, tiny)`` or ``ε``.
 
-  ``relative_epsilon`` may be a Python bool or a traced boolean (so that it
-  survives ``optax.inject_hyperparams``).
+  ``lam_max`` is the scale the damping is relative to (λ_max, or the mean
+  eigenvalue for ``relative_to="mean"``). ``relative_epsilon`` may be a Python
+  bool or a traced boolean (so that it survives ``optax.inject_hyperparams``).
   """
   rel = epsilon * jnp.maximum(lam_max, TINY)
   return jnp.where(relative_epsilon, rel, jnp.asarray(epsilon, lam_max.dtype))
 
 
+RELATIVE_TO = ("max", "mean")
+
+
+def mean_eigenvalue(a):
+  """``tr(A)/d`` per matrix of a PSD stack (``[N, d, d]`` -> ``[N]``).
+
+  ``d`` counts only the dimensions with a positive diagonal entry (at least
+  1): a zero diagonal entry of a PSD matrix means a zero row and column, such
+  as a zero-padded block dimension, and is not an eigenvalue of the data.
+  With this, padding a matrix with zero rows and columns leaves its mean
+  eigenvalue unchanged.
+  """
+  diag = jnp.diagonal(a, axis1=-2, axis2=-1)
+  d = jnp.maximum(jnp.sum(diag > 0, axis=-1), 1).astype(a.dtype)
+  return jnp.sum(diag, axis=-1) / d
+
+
+def _damping_scale(a, lam_max, relative_to):
+  """The scale ``ε`` is relative to: λ_max or :func:`mean_eigenvalue`."""
+  if relative_to == "max":
+    return lam_max
+  if relative_to == "mean":
+    return mean_eigenvalue(a)
+  raise ValueError(f"relative_to={relative_to!r}; expected one of "
+                   f"{', '.join(map(repr, RELATIVE_TO))}.")
+
+
 def matrix_power_eigh(a, power, *, epsilon=0.0, relative_epsilon=True,
-                      clip_negative=True):
+                      clip_negative=True, relative_to="max"):
   """``(A + δI)^{power}`` for a stack of PSD matrices via eigh.
 
-  ``δ`` is :func:`damping` of the largest eigenvalue. With ``clip_negative``
+  ``δ`` is :func:`damping` of the largest eigenvalue (``relative_to="max"``)
+  or of the mean eigenvalue ``tr(A)/d`` (``"mean"``, CASPR's ``ε_r``,
+  ALGORITHMS §4; see :func:`mean_eigenvalue`). With ``clip_negative``
   the eigenvalues are first clipped at 0 (the relative-damping recipe of
   ALGORITHMS §0); without it they are used as computed, which is the papers'
   absolute damping ``A + εI`` (a negative eigenvalue then gives a NaN root that
@@ -88,23 +118,27 @@ def matrix_power_eigh(a, power, *, epsilon=0.0, relative_epsilon=True,
   residual = jnp.max(jnp.abs(recon - a), axis=(-2, -1)) / jnp.maximum(
       jnp.abs(lam_max), TINY)
   lam = jnp.where(clip_negative, jnp.maximum(lam, 0.0), lam)
-  lam = lam + damping(lam_max, epsilon, relative_epsilon)[..., None]
+  scale = _damping_scale(a, lam_max, relative_to)
+  lam = lam + damping(scale, epsilon, relative_epsilon)[..., None]
   powered = _bmm(q * (lam ** power)[..., None, :], jnp.swapaxes(q, -1, -2))
   return powered, lam, q, residual
 
 
-def inverse_root_eigh(a, p, *, epsilon=1e-6, relative_epsilon=True):
+def inverse_root_eigh(a, p, *, epsilon=1e-6, relative_epsilon=True,
+                      relative_to="max"):
   """``A^{-1/p}`` of a stack of PSD matrices by eigh (ALGORITHMS §0).
 
   ``λ ← max(λ, 0) + ε·max(λ_max, tiny)`` (relative) or ``λ ← λ + ε``
-  (absolute), ``root = Q diag(λ^{-1/p}) Qᵀ``. Runs in the dtype of ``a`` (pass
-  float64 where x64 is enabled for the float64 option).
+  (absolute), ``root = Q diag(λ^{-1/p}) Qᵀ``. ``relative_to="mean"`` makes
+  the relative damping ``ε·tr(A)/d`` instead (CASPR, ALGORITHMS §4). Runs in
+  the dtype of ``a`` (pass float64 where x64 is enabled for the float64
+  option).
 
   Returns ``(root, residual)``.
   """
   root, _, _, residual = matrix_power_eigh(
       a, -1.0 / p, epsilon=epsilon, relative_epsilon=relative_epsilon,
-      clip_negative=relative_epsilon)
+      clip_negative=relative_epsilon, relative_to=relative_to)
   return root, residual
 
 
@@ -122,11 +156,12 @@ def _matrix_int_power(t, p: int):
 
 def inverse_root_newton(a, p: int, *, epsilon=1e-6, relative_epsilon=True,
                         max_iters: int = 100, tol: float = 1e-6,
-                        power_iters: int = 20):
+                        power_iters: int = 20, relative_to="max"):
   """``A^{-1/p}`` of a stack of PSD matrices by the coupled Newton iteration.
 
   ``A' = A + δI`` (``δ`` from :func:`damping` with λ_max from
-  :func:`power_iteration`); ``z = (1+p)/(2‖A'‖₂)``; ``M₀ = z A'``,
+  :func:`power_iteration`, or with :func:`mean_eigenvalue` for
+  ``relative_to="mean"``); ``z = (1+p)/(2‖A'‖₂)``; ``M₀ = z A'``,
   ``X₀ = z^{1/p} I``; iterate ``T = ((p+1)I − M)/p``, ``X ← X T``,
   ``M ← T^p M`` while ``max|M − I| > tol``, the error decreases and fewer
   than ``max_iters`` steps were taken. Each matrix of the batch stops on its
@@ -139,7 +174,8 @@ def inverse_root_newton(a, p: int, *, epsilon=1e-6, relative_epsilon=True,
   a = symmetrize(a)
   eye = _eye_like(a)
   lam_max = power_iteration(a, power_iters)
-  delta = damping(lam_max, epsilon, relative_epsilon)
+  delta = damping(_damping_scale(a, lam_max, relative_to), epsilon,
+                  relative_epsilon)
   a_damped = a + delta[..., None, None] * eye
   norm = jnp.maximum(lam_max + delta, TINY)
   z = (1.0 + p) / (2.0 * norm)
@@ -173,12 +209,14 @@ def inverse_root_newton(a, p: int, *, epsilon=1e-6, relative_epsilon=True,
 
 
 def inverse_root(a, p, *, method="eigh", epsilon=1e-6, relative_epsilon=True,
-                 **kwargs):
+                 relative_to="max", **kwargs):
   """Dispatches to :func:`inverse_root_eigh` or :func:`inverse_root_newton`."""
   if method == "eigh":
     return inverse_root_eigh(a, p, epsilon=epsilon,
-                             relative_epsilon=relative_epsilon)
+                             relative_epsilon=relative_epsilon,
+                             relative_to=relative_to)
   if method == "newton":
     return inverse_root_newton(a, p, epsilon=epsilon,
-                               relative_epsilon=relative_epsilon, **kwargs)
+                               relative_epsilon=relative_epsilon,
+                               relative_to=relative_to, **kwargs)
   raise ValueError(f"root_method={method!r}; expected 'eigh' or 'newton'.")

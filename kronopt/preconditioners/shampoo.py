@@ -8,6 +8,15 @@ Per block ``G`` (an order-k tensor) and preconditioned axis i:
 
 Statistics start at 0 (damping comes from ε relative to λ_max) and roots at
 ``I``. ``one_sided`` preconditions only the smallest axis of each block.
+
+Shampoo² (Morwani et al., "A New Perspective on Shampoo's Preconditioner",
+2024; ALGORITHMS §3) is the same with ``exponent_multiplier=2``: ``p = k``,
+``D = L^{-1/2} G R^{-1/2}`` for matrices. With ``kronecker_power_iterations``
+each statistic is one online power-iteration step towards the optimal
+Kronecker approximation of ``E[g gᵀ]``: the other modes are contracted with
+their current normalised statistics ``L̄_j = d_j L_j / tr(L_j)`` (``I`` while
+``tr(L_j) = 0``), e.g. ``L ← β₂ L + (1−β₂) G R̄ Gᵀ``,
+``R ← β₂ R + (1−β₂) Gᵀ L̄ G``.
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, NamedTuple, Optional
 
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -52,6 +62,18 @@ def default_exponent(num_axes: int) -> float:
   return -1.0 / (2 * num_axes)
 
 
+def normalized_statistic(s):
+  """``L̄ = d·L/tr(L)`` per block, or ``I`` while ``tr(L) = 0``.
+
+  ``d`` counts the dimensions the statistic has seen
+  (:func:`kronopt.linalg.roots.mean_eigenvalue`), so zero padding does not
+  change the scale of ``L̄``.
+  """
+  mean = roots_lib.mean_eigenvalue(s)[..., None, None]
+  eye = jnp.broadcast_to(jnp.eye(s.shape[-1], dtype=s.dtype), s.shape)
+  return jnp.where(mean > 0, s / jnp.where(mean > 0, mean, 1.0), eye)
+
+
 @dataclasses.dataclass(frozen=True)
 class Shampoo:
   """Shampoo on the engine (see :func:`kronopt.scale_by_shampoo`)."""
@@ -63,14 +85,17 @@ class Shampoo:
   one_sided: bool = False
   newton_max_iters: int = 100
   newton_tol: float = 1e-6
+  exponent_multiplier: Any = 1.0
+  kronecker_power_iterations: bool = False
+  epsilon_relative_to: str = "max"
 
   def axes(self, block_shape):
     return preconditioned_axes(block_shape, self.one_sided)
 
   def power(self, num_axes: int) -> Any:
     """``p`` of the root ``L^{-1/p}``."""
-    exponent = (default_exponent(num_axes) if self.exponent is None
-                else self.exponent)
+    exponent = (default_exponent(num_axes) * self.exponent_multiplier
+                if self.exponent is None else self.exponent)
     return -1.0 / exponent
 
   def init_group(self, block_shape, n):
@@ -84,10 +109,18 @@ class Shampoo:
   def update_statistics(self, state, g, count):
     del count
     w = statistics_weight(self.b2)
-    stats = tuple(
-        self.b2 * s + w * kronecker.mode_gram(g, axis)
-        for s, axis in zip(state.stats, self.axes(g.shape[1:])))
+    stats = tuple(self.b2 * s + w * m
+                  for s, m in zip(state.stats, self.grams(state, g)))
     return state._replace(stats=stats)
+
+  def grams(self, state, g):
+    """Per preconditioned axis, the outer product added to its statistic."""
+    axes = self.axes(g.shape[1:])
+    if not self.kronecker_power_iterations:
+      return [kronecker.mode_gram(g, axis) for axis in axes]
+    weights = dict(zip(axes, map(normalized_statistic, state.stats)))
+    return [roots_lib.symmetrize(kronecker.weighted_mode_gram(g, axis, weights))
+            for axis in axes]
 
   def refresh(self, state):
     p = self.power(len(state.stats))
@@ -96,6 +129,7 @@ class Shampoo:
     results = [roots_lib.inverse_root(
         s, p, method=self.root_method, epsilon=self.epsilon,
         relative_epsilon=self.relative_epsilon,
+        relative_to=self.epsilon_relative_to,
         **self._newton_kwargs()) for s in state.stats]
     new_roots = tuple(r for r, _ in results)
     residual = jnp.max(jnp.stack([res for _, res in results]), axis=0)
@@ -129,6 +163,29 @@ def check_root_args(*, b2, epsilon, exponent, root_method):
 ROOT_METHODS = ("eigh", "newton")
 
 
+def check_power_args(*, exponent, exponent_multiplier,
+                     kronecker_power_iterations, root_method):
+  """Validation of the Shampoo² options of :func:`scale_by_shampoo`."""
+  checks.check_number("exponent_multiplier", exponent_multiplier, low=0.0,
+                      high=2.0, low_open=True)
+  checks.check_choice("kronecker_power_iterations",
+                      kronecker_power_iterations, (False, True))
+  if isinstance(exponent_multiplier, jax.core.Tracer):
+    return
+  if exponent is not None and exponent_multiplier != 1.0:
+    raise ValueError(
+        f"exponent_multiplier={exponent_multiplier!r} scales the default "
+        "exponent -1/(2k) and cannot be combined with exponent="
+        f"{exponent!r}; expected exponent_multiplier=1.0 or exponent=None.")
+  if root_method == "newton":
+    p = 2.0 / float(exponent_multiplier)
+    if abs(p - round(p)) > 1e-6:
+      raise ValueError(
+          f"exponent_multiplier={exponent_multiplier!r} with root_method="
+          "'newton' must be 2/q for an integer q (so that -1/p is an integer "
+          "root); use root_method='eigh' for other multipliers.")
+
+
 def scale_by_shampoo(
     *,
     block_size: int = 1024,
@@ -143,6 +200,8 @@ def scale_by_shampoo(
     inverse_failure_threshold: float = 0.1,
     newton_max_iters: int = 100,
     newton_tol: float = 1e-6,
+    exponent_multiplier: float = 1.0,
+    kronecker_power_iterations: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """Shampoo's preconditioned direction ``D = P_L G P_R`` (ALGORITHMS §1).
 
@@ -165,6 +224,12 @@ def scale_by_shampoo(
     inverse_failure_threshold: largest residual a refreshed root may have.
     newton_max_iters: iteration cap of the coupled Newton method.
     newton_tol: convergence tolerance on ``max|M − I|`` for Newton.
+    exponent_multiplier: multiplies the default exponent ``−1/(2k)``, in
+      ``(0, 2]``; 2 is Shampoo² (``−1/k``, Morwani et al. 2024, ALGORITHMS §3).
+    kronecker_power_iterations: accumulate each statistic with the other
+      modes weighted by their normalised statistics (an online power
+      iteration towards the optimal Kronecker approximation, ALGORITHMS §3),
+      ``L ← β₂ L + (1−β₂) G R̄ Gᵀ``; the first step equals Shampoo's.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with a
@@ -174,11 +239,15 @@ def scale_by_shampoo(
                   root_method=root_method)
   checks.check_int("newton_max_iters", newton_max_iters, low=1)
   checks.check_number("newton_tol", newton_tol, low=0.0, low_open=True)
+  check_power_args(exponent=exponent, exponent_multiplier=exponent_multiplier,
+                   kronecker_power_iterations=kronecker_power_iterations,
+                   root_method=root_method)
   precond = Shampoo(
       b2=b2, epsilon=epsilon, exponent=exponent,
       relative_epsilon=relative_epsilon, root_method=root_method,
       one_sided=one_sided, newton_max_iters=newton_max_iters,
-      newton_tol=newton_tol)
+      newton_tol=newton_tol, exponent_multiplier=exponent_multiplier,
+      kronecker_power_iterations=kronecker_power_iterations)
   return engine.preconditioner_transform(
       precond, block_size=block_size, precondition_every=precondition_every,
       start_preconditioning_step=start_preconditioning_step,
