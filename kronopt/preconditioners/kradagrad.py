@@ -54,7 +54,6 @@ from kronopt.linalg import kronecker
 from kronopt.linalg import roots as roots_lib
 
 VARIANTS = ("star", "single_axis")
-DTYPES = ("float32", "float64")
 ROOT_DAMPING = 1e-8  # added to X before its positive root (ALGORITHMS §2)
 
 
@@ -102,8 +101,8 @@ def single_axis_step(x, m, b2=1.0, epsilon=0.0):
 
   ``X ← X/β₂`` (β₂ < 1); ``X ← X − ε X Xᵀ``;
   ``X ← sym(X − X M X / (1 + ‖X M‖_F))``. Since ``‖XM‖_F ≥ λ_max(XM)``, the
-  last step satisfies ``(X⁻¹ + M)⁻¹ ⪯ X' ⪯ X``; it is exact (Sherman–Morrison)
-  for a rank-1 ``M``.
+  last step satisfies ``(X⁻¹ + M)⁻¹ ⪯ X' ⪯ X``, with equality
+  (Sherman–Morrison) for ``M = v vᵀ`` and ``v`` an eigenvector of ``X``.
   """
   x = _undo_decay(x, b2)
   x = x - epsilon * _bmm(x, jnp.swapaxes(x, -1, -2))
@@ -143,30 +142,19 @@ class Kradagrad:
   variant: str = "star"
   b2: Any = 1.0
   epsilon: Any = 1e-6
-  dtype: str = "float32"
-
-  def _dtype(self):
-    dtype = jnp.dtype(self.dtype)
-    if jax.dtypes.canonicalize_dtype(dtype) != dtype:
-      raise ValueError(
-          f"dtype={self.dtype!r} needs 64-bit JAX: enable it (e.g. inside "
-          "jax.experimental.enable_x64()) or use dtype='float32'.")
-    return dtype
 
   def root_power(self, order: int) -> float:
     """``1/(2k)`` for KrADagrad★ (Shampoo's exponent), ``1/2`` otherwise."""
     return 1.0 / (2 * order) if self.variant == "star" else 0.5
 
   def init_group(self, block_shape, n):
-    dtype = self._dtype()
     scale = 1.0 / self.epsilon if self.variant == "star" else 1.0
-    eyes = [jnp.broadcast_to(jnp.eye(d, dtype=dtype), (n, d, d))
+    eyes = [jnp.broadcast_to(jnp.eye(d, dtype=jnp.float32), (n, d, d))
             for d in block_shape]
     return KradagradGroupState(inverses=tuple(scale * e for e in eyes),
                                roots=tuple(eyes))
 
   def update_statistics(self, state, g, count):
-    g = g.astype(self._dtype())
     if self.variant == "star":
       inverses = tuple(
           star_step(x, kronecker.mode_gram(g, i), self.b2)
@@ -191,12 +179,10 @@ class Kradagrad:
                for x in state.inverses]
     new_roots = tuple(r[0] for r in results)
     residual = jnp.max(jnp.stack([r[3] for r in results]), axis=0)
-    return state._replace(roots=new_roots), residual.astype(jnp.float32)
+    return state._replace(roots=new_roots), residual
 
   def precondition(self, state, g):
-    d = kronecker.kron_apply(g.astype(self._dtype()), dict(enumerate(
-        state.roots)))
-    return d.astype(g.dtype)
+    return kronecker.kron_apply(g, dict(enumerate(state.roots)))
 
 
 def scale_by_kradagrad(
@@ -208,7 +194,6 @@ def scale_by_kradagrad(
     precondition_every: int = 10,
     start_preconditioning_step: int = 10,
     inverse_failure_threshold: float = 0.1,
-    dtype: str = "float32",
 ) -> optax.GradientTransformationExtraArgs:
   """KrADagrad★ / KrADagrad's direction ``D = G ×_i P_i`` (ALGORITHMS §2).
 
@@ -230,8 +215,6 @@ def scale_by_kradagrad(
     start_preconditioning_step: first step preconditioned.
     inverse_failure_threshold: largest eigh reconstruction error (relative to
       λ_max) a refreshed root may have.
-    dtype: ``"float32"`` or ``"float64"`` (the latter only where 64-bit JAX
-      is enabled) for ``X`` and the roots.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with a
@@ -247,8 +230,7 @@ def scale_by_kradagrad(
     checks.check_number("epsilon", epsilon, low=0.0, low_open=True)
   else:  # X ⪯ I, so X − εX² stays positive definite for ε < 1
     checks.check_number("epsilon", epsilon, low=0.0, high=1.0, high_open=True)
-  checks.check_choice("dtype", dtype, DTYPES)
-  precond = Kradagrad(variant=variant, b2=b2, epsilon=epsilon, dtype=dtype)
+  precond = Kradagrad(variant=variant, b2=b2, epsilon=epsilon)
   return engine.preconditioner_transform(
       precond, block_size=block_size, precondition_every=precondition_every,
       start_preconditioning_step=start_preconditioning_step,
