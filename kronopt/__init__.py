@@ -9,6 +9,7 @@ from kronopt.optimizers import ema_momentum
 from kronopt.optimizers import shampoo
 from kronopt.preconditioners.shampoo import ShampooGroupState
 from kronopt.preconditioners.shampoo import scale_by_shampoo
+from kronopt.sharding import state_shardings
 
 __version__ = "0.1.0"
 
@@ -22,4 +23,5 @@ __all__ = [
     "make_layout",
     "scale_by_shampoo",
     "shampoo",
+    "state_shardings",
 ]

@@ -27,7 +27,7 @@ applies the preconditioner and lays the direction back out as a tree:
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Optional, Protocol
 
 import chex
 import jax
@@ -36,6 +36,7 @@ import optax
 
 from kronopt import checks
 from kronopt import layout as layout_lib
+from kronopt import sharding as sharding_lib
 
 
 class Preconditioner(Protocol):
@@ -75,7 +76,6 @@ class PreconditionerState(NamedTuple):
   residual: chex.Array
 
 
-def tree_all_finite(tree) -> jax.Array:
 def find_states(tree) -> list[PreconditionerState]:
   """Every :class:`PreconditionerState` inside an optax state, in tree order."""
   is_engine = lambda x: isinstance(x, PreconditionerState)
@@ -83,6 +83,7 @@ def find_states(tree) -> list[PreconditionerState]:
           if is_engine(s)]
 
 
+def tree_all_finite(tree) -> jax.Array:
   """A scalar bool: every entry of every leaf is finite."""
   leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
@@ -104,20 +105,37 @@ def _block_ok(candidate, residual, threshold):
   return ok
 
 
-def guarded_refresh(precond: Preconditioner, groups, threshold):
+def guarded_refresh(precond: Preconditioner, groups, threshold,
+                    real_blocks=None):
   """Refreshes every group, keeping the old state of each rejected block.
+
+  ``real_blocks`` gives, per group, a bool ``[N]`` mask of the real blocks;
+  the others are sharding padding (identity blocks), which keep their state
+  and count neither as failures nor in the residual. ``None``: all are real.
 
   Returns ``(groups, rejected_count, worst_residual)``.
   """
   new_groups, rejected, worst = [], jnp.zeros([], jnp.int32), jnp.zeros([])
-  for state in groups:
+  if real_blocks is None:
+    real_blocks = [None] * len(groups)
+  for state, real in zip(groups, real_blocks):
     candidate, residual = precond.refresh(state)
     ok = _block_ok(candidate, residual, threshold)
-    new_groups.append(tree_select(ok, candidate, state))
-    rejected += jnp.sum(~ok).astype(jnp.int32)
-    finite_res = jnp.where(jnp.isfinite(residual), residual, jnp.inf)
+    if real is None:
+      real = jnp.ones(residual.shape, bool)
+    new_groups.append(tree_select(ok & real, candidate, state))
+    rejected += jnp.sum(~ok & real).astype(jnp.int32)
+    finite_res = jnp.where(jnp.isfinite(residual) & real, residual,
+                           jnp.where(real, jnp.inf, 0.0))
     worst = jnp.maximum(worst, jnp.max(finite_res, initial=0.0))
   return tuple(new_groups), rejected, worst
+
+
+def _pad_blocks(g, n_padded):
+  """Appends zero blocks to ``g`` (``[n, *block]``) up to ``n_padded``."""
+  if n_padded == g.shape[0]:
+    return g
+  return jnp.pad(g, [(0, n_padded - g.shape[0])] + [(0, 0)] * (g.ndim - 1))
 
 
 def preconditioner_transform(
@@ -127,6 +145,8 @@ def preconditioner_transform(
     precondition_every: int,
     start_preconditioning_step: int,
     inverse_failure_threshold: float,
+    shard_axis: sharding_lib.ShardAxis = None,
+    mesh: Optional[jax.sharding.Mesh] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Builds the optax transform of an algorithm on the shared engine.
 
@@ -137,6 +157,13 @@ def preconditioner_transform(
     start_preconditioning_step: first step at which the preconditioner is
       refreshed and applied.
     inverse_failure_threshold: largest residual a refreshed block may have.
+    shard_axis: mesh axis name (or tuple of names) to shard the stacked block
+      axis ``N`` of every group over; ``None`` (default) does not shard. ``N``
+      is padded to a multiple of the axis size with identity blocks, and each
+      device stores and refreshes ``N / size`` blocks (see
+      :mod:`kronopt.sharding`).
+    mesh: the ``jax.sharding.Mesh``; ``None`` uses the ambient mesh
+      (``with jax.set_mesh(mesh):``) at trace time.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -151,14 +178,19 @@ def preconditioner_transform(
                    low=0)
   checks.check_number("inverse_failure_threshold", inverse_failure_threshold,
                       low=0.0, low_open=True)
+  sharding_lib.check_shard_axis(shard_axis, mesh)
+  shard = sharding_lib.BlockSharding(shard_axis, mesh)
 
   def init_fn(params):
     lay = layout_lib.make_layout(params, block_size)
-    groups = tuple(precond.init_group(shape, n) for shape, n in
-                   zip(lay.group_shapes, lay.group_sizes))
+    groups = []
+    for shape, n in zip(lay.group_shapes, lay.group_sizes):
+      n_padded = shard.padded(n)
+      groups.append(shard.constrain_tree(precond.init_group(shape, n_padded),
+                                         n_padded))
     return PreconditionerState(
         count=jnp.zeros([], jnp.int32),
-        groups=groups,
+        groups=tuple(groups),
         preconditioned=jnp.asarray(False),
         failures=jnp.zeros([], jnp.int32),
         skipped=jnp.zeros([], jnp.int32),
@@ -170,25 +202,36 @@ def preconditioner_transform(
     lay = layout_lib.make_layout(updates, block_size)
     count = state.count
     finite = tree_all_finite(updates)
-    blocks = layout_lib.block(lay, updates)
-    blocks = [jnp.where(finite, g, 0.0) for g in blocks]
+    padded = [shard.padded(n) for n in lay.group_sizes]
+    constrain_groups = lambda gs: tuple(
+        shard.constrain_tree(g, n) for g, n in zip(gs, padded))
+    real_blocks = [shard.constrain(jnp.arange(n_pad) < n, n_pad)
+                   for n, n_pad in zip(lay.group_sizes, padded)]
+    blocks = layout_lib.block(
+        lay, jax.tree_util.tree_map(shard.gather, updates))
+    blocks = [shard.constrain(_pad_blocks(jnp.where(finite, g, 0.0), n), n)
+              for g, n in zip(blocks, padded)]
 
     stepped = tuple(precond.update_statistics(s, g, count)
                     for s, g in zip(state.groups, blocks))
-    groups = tree_select(finite, stepped, state.groups)
+    groups = constrain_groups(tree_select(finite, stepped, state.groups))
 
     active = count >= start_preconditioning_step
     due = active & ((count - start_preconditioning_step)
                     % precondition_every == 0)
     groups, rejected, residual = jax.lax.cond(
         due,
-        lambda gs: guarded_refresh(precond, gs, inverse_failure_threshold),
+        lambda gs: guarded_refresh(precond, gs, inverse_failure_threshold,
+                                   real_blocks),
         lambda gs: (gs, jnp.zeros([], jnp.int32), state.residual),
         groups)
+    groups = constrain_groups(groups)
 
     directions = [jnp.where(active, precond.precondition(s, g), g)
                   for s, g in zip(groups, blocks)]
-    out = layout_lib.unblock(lay, directions, updates)
+    out = layout_lib.unblock(
+        lay, [shard.gather(d) for d in directions], updates)
+    out = jax.tree_util.tree_map(shard.restore, out, updates)
     out = jax.tree_util.tree_map(
         lambda u: jnp.where(finite, u, jnp.zeros_like(u)), out)
     new_state = PreconditionerState(

@@ -83,6 +83,8 @@ def shampoo(
     inverse_failure_threshold: float = 0.1,
     graft_type: str = "adam",
     graft_eps: float = 1e-8,
+    shard_axis=None,
+    mesh=None,
 ) -> optax.GradientTransformationExtraArgs:
   """Shampoo with Adam grafting, momentum and decoupled weight decay.
 
@@ -100,6 +102,8 @@ def shampoo(
     graft_type: ``"adam"``, ``"adagrad"``, ``"rmsprop"``, ``"sgd"`` or
       ``"none"``.
     graft_eps: ε of the graft optimizer.
+    shard_axis: mesh axis (or axes) to shard the stacked blocks over.
+    mesh: the ``jax.sharding.Mesh``; ``None`` uses the ambient mesh.
   """
   direction = scale_by_shampoo(
       block_size=block_size, b2=b2, epsilon=epsilon, exponent=exponent,
@@ -107,7 +111,8 @@ def shampoo(
       start_preconditioning_step=start_preconditioning_step,
       root_method=root_method, one_sided=one_sided,
       relative_epsilon=relative_epsilon,
-      inverse_failure_threshold=inverse_failure_threshold)
+      inverse_failure_threshold=inverse_failure_threshold,
+      shard_axis=shard_axis, mesh=mesh)
   return chain_after_direction(
       direction, learning_rate, b1=b1, nesterov=nesterov,
       weight_decay=weight_decay, graft_type=graft_type, graft_eps=graft_eps,

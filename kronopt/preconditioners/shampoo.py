@@ -202,6 +202,8 @@ def scale_by_shampoo(
     newton_tol: float = 1e-6,
     exponent_multiplier: float = 1.0,
     kronecker_power_iterations: bool = False,
+    shard_axis: Optional[Any] = None,
+    mesh: Optional[Any] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Shampoo's preconditioned direction ``D = P_L G P_R`` (ALGORITHMS §1).
 
@@ -230,6 +232,9 @@ def scale_by_shampoo(
       modes weighted by their normalised statistics (an online power
       iteration towards the optimal Kronecker approximation, ALGORITHMS §3),
       ``L ← β₂ L + (1−β₂) G R̄ Gᵀ``; the first step equals Shampoo's.
+    shard_axis: mesh axis name (or tuple) to shard the stacked blocks over;
+      ``None`` does not shard (see :mod:`kronopt.sharding`).
+    mesh: the ``jax.sharding.Mesh``; ``None`` uses the ambient mesh.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with a
@@ -251,4 +256,5 @@ def scale_by_shampoo(
   return engine.preconditioner_transform(
       precond, block_size=block_size, precondition_every=precondition_every,
       start_preconditioning_step=start_preconditioning_step,
-      inverse_failure_threshold=inverse_failure_threshold)
+      inverse_failure_threshold=inverse_failure_threshold,
+      shard_axis=shard_axis, mesh=mesh)

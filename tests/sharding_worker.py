@@ -1,0 +1,298 @@
+"""Multi-device checks of block-axis sharding, run by tests/test_sharding.py.
+
+Runs in its own process so that ``XLA_FLAGS`` can give JAX 8 CPU devices
+before it starts. Each check prints ``PASS <name>`` or ``FAIL <name>`` with
+the traceback; the exit code is the number of failed checks. Usage:
+
+    python tests/sharding_worker.py [check ...]      # default: all checks
+"""
+
+import os
+import sys
+import time
+import re
+import traceback
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_force_host_platform_device_count=8")
+
+import jax  # pylint: disable=g-import-not-at-top
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AxisType
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import kronopt
+from kronopt import engine
+from kronopt.preconditioners import shampoo as shampoo_lib
+
+# Sharded and single-device runs differ only by float32 rounding (XLA tiles
+# the batched matmuls differently for N and N/8 blocks): relative tolerance on
+# the updates, measured ~3e-5 at worst.
+RTOL = 1e-4
+STEPS = 6
+BLOCK = 8
+AUTO = (AxisType.Auto, AxisType.Auto)
+
+
+def make_params():
+  """Two groups: [15, 8, 8] (12 + 1 + 2 blocks) and [1, 3, 4, 6]."""
+  return {"a": jnp.zeros((32, 24)), "b": jnp.zeros((8, 8)),
+          "c": jnp.zeros((16, 8)), "bias": jnp.zeros((5,)),
+          "t": jnp.zeros((3, 4, 6))}
+
+
+GROUP_SIZES = (15, 1)
+# Per block dimension d, the blocks per device on 8 devices (N padded to 16
+# and to 8): the leading dim of every root computation's operands.
+LOCAL_BLOCKS = {8: 2, 3: 1, 4: 1, 6: 1}
+
+
+def grads_at(params, step):
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  key = jax.random.PRNGKey(step)
+  return treedef.unflatten([
+      jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)
+      for i, x in enumerate(leaves)])
+
+
+def shampoo_tx(root_method="eigh", **sharding):
+  return kronopt.scale_by_shampoo(
+      block_size=BLOCK, precondition_every=2, start_preconditioning_step=1,
+      root_method=root_method, **sharding)
+
+
+def place_like(x, like):
+  """``x`` with the NamedSharding of ``like``, if it has one."""
+  if isinstance(like.sharding, NamedSharding):
+    return jax.device_put(x, like.sharding)
+  return x
+
+
+def run(tx, params, steps=STEPS, mesh=None, out_shardings=None):
+  """Jitted init and ``steps`` updates; returns (updates per step, states).
+
+  ``out_shardings``: the state's shardings, pinned in init and update.
+  The gradients are placed like (sharded) parameters.
+  """
+  def go():
+    state = jax.jit(tx.init, out_shardings=out_shardings)(params)
+    update = jax.jit(tx.update, out_shardings=(None, out_shardings))
+    states, updates = [state], []
+    for t in range(steps):
+      grads = jax.tree_util.tree_map(place_like, grads_at(params, t), params)
+      u, state = update(grads, state, params)
+      updates.append(u)
+      states.append(state)
+    return updates, states
+  if mesh is None:
+    return go()
+  with jax.set_mesh(mesh):
+    return go()
+
+
+def assert_updates_close(got, want):
+  for step, (g, w) in enumerate(zip(got, want)):
+    for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(w)):
+      a, b = np.asarray(a), np.asarray(b)
+      err = np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30)
+      assert err <= RTOL, f"step {step}: relative error {err:.2e} > {RTOL}"
+
+
+def engine_state(state):
+  return engine.find_states(state)[0]
+
+
+def assert_padding_is_identity(state):
+  """Real blocks as unsharded; padded blocks hold zero stats, identity roots."""
+  for group, n in zip(engine_state(state).groups, GROUP_SIZES):
+    for s, r in zip(group.stats, group.roots):
+      eye = np.eye(s.shape[-1], dtype=np.float32)
+      np.testing.assert_array_equal(np.asarray(s)[n:], 0.0)
+      np.testing.assert_array_equal(np.asarray(r)[n:],
+                                    np.broadcast_to(eye, r[n:].shape))
+
+
+def assert_group_shardings(state, mesh, spec, devices_per_shard):
+  """Every stacked leaf is P(spec) on ``mesh``; each shard holds N/size."""
+  sharding = NamedSharding(mesh, P(spec))
+  for group in engine_state(state).groups:
+    for leaf in jax.tree_util.tree_leaves(group):
+      assert leaf.sharding.is_equivalent_to(sharding, leaf.ndim), (
+          leaf.sharding, sharding)
+      n = leaf.shape[0]
+      assert n % devices_per_shard == 0
+      shapes = {s.data.shape for s in leaf.addressable_shards}
+      assert shapes == {(n // devices_per_shard,) + leaf.shape[1:]}, shapes
+
+
+def _local_root_shapes(text, marker):
+  """``{d: {leading dims}}`` of the ``f32[k,d,d]`` shapes on the compiled HLO
+  lines that contain ``marker`` (the root computations)."""
+  found = {}
+  for line in text.splitlines():
+    if marker in line:
+      for k, d in re.findall(r"f32\[(\d+),(\d+),\2\]", line):
+        found.setdefault(int(d), set()).add(int(k))
+  return found
+
+
+def _check_matches_single_device(method, marker):
+  """Sharded Shampoo equals single-device Shampoo over refreshes; the
+  compiled update does the root computation on the local blocks only."""
+  mesh = jax.make_mesh((8,), ("x",), axis_types=(AxisType.Auto,))
+  params = make_params()
+  want, _ = run(shampoo_tx(method), params)
+  tx = shampoo_tx(method, shard_axis="x", mesh=mesh)
+  got, states = run(tx, params)
+  assert_updates_close(got, want)
+  final = engine_state(states[-1])
+  assert int(final.failures) == 0 and int(final.skipped) == 0
+  assert_padding_is_identity(states[-1])
+  text = jax.jit(tx.update).lower(
+      grads_at(params, 0), states[-1], params).compile().as_text()
+  local = _local_root_shapes(text, marker)
+  assert local == {d: {k} for d, k in LOCAL_BLOCKS.items()}, (method, local)
+
+
+def check_matches_single_device_eigh():
+  """eigh: the LAPACK custom-calls get [N/8, d, d] operands."""
+  _check_matches_single_device("eigh", 'custom_call_target="lapack_ssyevd')
+
+
+def check_matches_single_device_newton():
+  """Coupled Newton: the batched while-loops carry [N/8, d, d] matrices."""
+  _check_matches_single_device("newton", " while(")
+
+
+def check_zero_statistics_roots_pass_guard():
+  """An identity (padding) block's zero statistics give a finite root that
+  passes the guard, with eigh and with Newton."""
+  for method in ("eigh", "newton"):
+    precond = shampoo_lib.Shampoo(root_method=method)
+    state = precond.init_group((8, 8), 2)
+    candidate, residual = precond.refresh(state)
+    assert bool(jnp.all(engine._block_ok(candidate, residual, 0.1))), method
+
+
+class _FailsOnZeroStats(shampoo_lib.Shampoo):
+  """Shampoo whose refresh reports an infinite residual for zero statistics."""
+
+  def refresh(self, state):
+    candidate, residual = super().refresh(state)
+    zero = jnp.all(state.stats[0] == 0.0, axis=(1, 2))
+    return candidate, jnp.where(zero, jnp.inf, residual)
+
+
+def check_padding_never_counts_as_failure():
+  """Padded blocks are masked out of the guard, whatever their refresh."""
+  mesh = jax.make_mesh((8,), ("x",), axis_types=(AxisType.Auto,))
+  tx = engine.preconditioner_transform(
+      _FailsOnZeroStats(), block_size=BLOCK, precondition_every=2,
+      start_preconditioning_step=1, inverse_failure_threshold=0.1,
+      shard_axis="x", mesh=mesh)
+  _, states = run(tx, make_params(), steps=3)
+  final = engine_state(states[-1])
+  assert int(final.failures) == 0, int(final.failures)
+  assert float(final.residual) < 0.1, float(final.residual)
+
+
+def check_declared_shardings():
+  """The stacked leaves carry P(shard_axis) after init (eager and jit), after
+  updates and in the compiled update's output shardings, without pinning;
+  state_shardings() declares them, and pins the whole state (also the
+  graft's leaves) as out_shardings. Each device holds N/8 blocks."""
+  mesh = jax.make_mesh((2, 4), ("d", "m"), axis_types=AUTO)
+  axes = ("d", "m")
+  params = make_params()
+  tx = kronopt.shampoo(1e-2, block_size=BLOCK, precondition_every=2,
+                       start_preconditioning_step=1, shard_axis=axes,
+                       mesh=mesh)
+  declared = kronopt.state_shardings(tx, params, mesh)
+  abstract = jax.eval_shape(tx.init, params)
+  assert (jax.tree_util.tree_structure(declared)
+          == jax.tree_util.tree_structure(abstract))
+  for s, a in zip(jax.tree_util.tree_leaves(declared),
+                  jax.tree_util.tree_leaves(abstract)):
+    assert isinstance(s, NamedSharding) and s.mesh == mesh
+    stacked = (a.ndim == 3 and a.shape[0] in (16, 8)
+               and a.shape[1] == a.shape[2])
+    want = P(axes) if stacked else P()
+    assert s.is_equivalent_to(NamedSharding(mesh, want), a.ndim), (s, a)
+
+  eager = tx.init(params)
+  assert_group_shardings(eager, mesh, axes, 8)
+  abstract_shapes = [(x.shape, x.dtype)
+                     for x in jax.tree_util.tree_leaves(abstract)]
+  _, states = run(tx, params, steps=3, out_shardings=declared)
+  for state in states:
+    assert_group_shardings(state, mesh, axes, 8)
+    assert abstract_shapes == [(x.shape, x.dtype)
+                               for x in jax.tree_util.tree_leaves(state)]
+    for got, want in zip(jax.tree_util.tree_leaves(state),
+                         jax.tree_util.tree_leaves(declared)):
+      assert got.sharding.is_equivalent_to(want, got.ndim), (got, want)
+  compiled = jax.jit(tx.update).lower(  # unpinned: the engine's constraints
+      grads_at(params, 0), eager, params).compile()
+  out_groups = engine.find_states(compiled.output_shardings[1])[0].groups
+  for got in jax.tree_util.tree_leaves(out_groups):
+    assert got.is_equivalent_to(NamedSharding(mesh, P(axes)), 3), got
+
+
+def check_fsdp_2x4():
+  """Parameters sharded over one mesh axis ("data", FSDP), the block axis
+  over the other ("model"): same updates as one device, N/4 per device."""
+  mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=AUTO)
+  params = make_params()
+  fsdp = {k: NamedSharding(mesh, P("data") if v.shape[0] % 2 == 0 else P())
+          for k, v in params.items()}
+  sharded_params = jax.device_put(params, fsdp)
+  want, _ = run(shampoo_tx(), params)
+  tx = shampoo_tx(shard_axis="model", mesh=mesh)
+  got, states = run(tx, sharded_params)
+  assert_updates_close(got, want)
+  for state in states:
+    assert_group_shardings(state, mesh, "model", 4)
+  assert_padding_is_identity(states[-1])
+
+
+def check_explicit_ambient_mesh():
+  """Explicit mesh axes from the ambient mesh (jax.set_mesh, mesh=None),
+  parameters sharded over another explicit axis: same updates, sharded
+  state, updates sharded like the parameters."""
+  mesh = jax.make_mesh((2, 4), ("data", "model"),
+                       axis_types=(AxisType.Explicit, AxisType.Explicit))
+  params = {"a": jnp.zeros((20, 12)), "b": jnp.zeros((8, 8))}
+  fsdp = NamedSharding(mesh, P("data"))
+  sharded_params = jax.device_put(params, fsdp)
+  want, _ = run(shampoo_tx(), params, steps=3)
+  got, states = run(shampoo_tx(shard_axis="model"), sharded_params, steps=3,
+                    mesh=mesh)
+  assert_updates_close(got, want)
+  for state in states:
+    assert_group_shardings(state, mesh, "model", 4)
+  for u in jax.tree_util.tree_leaves(got[-1]):
+    assert u.sharding.is_equivalent_to(fsdp, u.ndim), u.sharding
+
+
+CHECKS = {name[len("check_"):]: fn for name, fn in sorted(globals().items())
+          if name.startswith("check_") and callable(fn)}
+
+
+def main(names):
+  assert jax.device_count() == 8, jax.devices()
+  failed = 0
+  for name in names or sorted(CHECKS):
+    start = time.perf_counter()
+    try:
+      CHECKS[name]()
+      print(f"PASS {name} ({time.perf_counter() - start:.1f} s)", flush=True)
+    except Exception:  # pylint: disable=broad-except
+      failed += 1
+      print(f"FAIL {name}\n{traceback.format_exc()}", flush=True)
+  return failed
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv[1:]))
