@@ -5,8 +5,11 @@ from kronopt.engine import PreconditionerState
 from kronopt.grafting import GraftState
 from kronopt.grafting import graft
 from kronopt.layout import make_layout
+from kronopt.optimizers import caspr
 from kronopt.optimizers import ema_momentum
 from kronopt.optimizers import shampoo
+from kronopt.optimizers import shampoo2
+from kronopt.preconditioners.caspr import scale_by_caspr
 from kronopt.preconditioners.shampoo import ShampooGroupState
 from kronopt.preconditioners.shampoo import scale_by_shampoo
 from kronopt.sharding import state_shardings
@@ -17,11 +20,14 @@ __all__ = [
     "GraftState",
     "PreconditionerState",
     "ShampooGroupState",
+    "caspr",
     "diagnostics",
     "ema_momentum",
     "graft",
     "make_layout",
+    "scale_by_caspr",
     "scale_by_shampoo",
     "shampoo",
+    "shampoo2",
     "state_shardings",
 ]

@@ -18,6 +18,7 @@ Adagrad above; ``r`` the largest gradient rank).
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, Optional
 
 import optax
 
@@ -61,6 +62,8 @@ def scale_by_caspr(
     inverse_failure_threshold: float = 0.1,
     newton_max_iters: int = 100,
     newton_tol: float = 1e-6,
+    shard_axis: Optional[Any] = None,
+    mesh: Optional[Any] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """CASPR's direction ``vec D = ((P_L ⊕ P_R)/2)² g`` (ALGORITHMS §4).
 
@@ -84,6 +87,9 @@ def scale_by_caspr(
     inverse_failure_threshold: largest residual a refreshed root may have.
     newton_max_iters: iteration cap of the coupled Newton method.
     newton_tol: convergence tolerance on ``max|M − I|`` for Newton.
+    shard_axis: mesh axis name (or tuple) to shard the stacked blocks over;
+      ``None`` does not shard (see :mod:`kronopt.sharding`).
+    mesh: the ``jax.sharding.Mesh``; ``None`` uses the ambient mesh.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with a
@@ -100,4 +106,5 @@ def scale_by_caspr(
   return engine.preconditioner_transform(
       precond, block_size=block_size, precondition_every=precondition_every,
       start_preconditioning_step=start_preconditioning_step,
-      inverse_failure_threshold=inverse_failure_threshold)
+      inverse_failure_threshold=inverse_failure_threshold,
+      shard_axis=shard_axis, mesh=mesh)
