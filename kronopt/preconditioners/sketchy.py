@@ -1,0 +1,151 @@
+"""Sketchy (Feinberg et al., NeurIPS 2023) -- ALGORITHMS.md §5.
+
+Shampoo with every Kronecker factor replaced by a rank-k Frequent Directions
+sketch (:mod:`kronopt.linalg.sketch`). Per block ``G`` (an order-k tensor)
+and axis i, with ``d = d_i`` and ``k = min(rank, d)``:
+
+    sketch      Z = [√β₂ U diag(σ), G_(i)],  Z = V s Wᵀ,  c = s_{k+1},
+                σ_j = √(s_j² − c²),  U = V[:, :k],  ρ ← β₂ ρ + c²   (every step)
+    root        P_i = U diag((σ² + ρ + ε')^{-1/(2k)}) Uᵀ
+                      + (ρ + ε')^{-1/(2k)} (I − U Uᵀ)                (every refresh)
+    direction   D = G ×_1 P_1 ×_2 … ×_k P_k
+
+with ``ε' = ε · max(σ² + ρ)`` (or ``ε`` when ``relative_epsilon`` is False).
+Nothing ``d×d`` is stored: per axis the state is ``2·d·k + 2·k + 2`` floats
+(the sketch ``U, σ, ρ`` and the cached root ``U, a, t``).
+
+The sketch approximates ``C_t = Σ_s β₂^{t−s} G_(i) G_(i)ᵀ`` (new outer
+products enter with weight 1), so with ``rank ≥ d`` it is exactly
+``L_i / (1−β₂)`` of Shampoo with the same β₂ (``L_i`` itself when β₂ = 1),
+and Sketchy's direction is Shampoo's times the constant ``(1−β₂)^{1/2}``,
+which grafting removes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple, Optional
+
+import jax.numpy as jnp
+import optax
+
+from kronopt import checks
+from kronopt import engine
+from kronopt.linalg import sketch as sketch_lib
+
+
+class SketchyGroupState(NamedTuple):
+  """Per group of ``N`` stacked blocks, per axis i (``d = d_i``).
+
+  Attributes:
+    sketches: tuple of :class:`kronopt.linalg.sketch.Sketch`
+      (``U [N, d, k]``, ``σ [N, k]``, ``ρ [N]``), updated every step.
+    roots: tuple of :class:`kronopt.linalg.sketch.LowRankRoot`
+      (``U [N, d, k]``, ``a [N, k]``, ``t [N]``), the inverse roots cached
+      at the last refresh.
+  """
+  sketches: tuple
+  roots: tuple
+
+
+def unfold(g, axis: int):
+  """The mode-i matricization per block: ``[N, d_1..d_k] -> [N, d_i, ∏_{j≠i} d_j]``."""
+  g = jnp.moveaxis(g, axis + 1, 1)
+  return jnp.reshape(g, g.shape[:2] + (-1,))
+
+
+@dataclasses.dataclass(frozen=True)
+class Sketchy:
+  """Sketchy on the engine (see :func:`kronopt.scale_by_sketchy`)."""
+  rank: int = 256
+  b2: Any = 0.999
+  epsilon: Any = 1e-6
+  relative_epsilon: Any = True
+
+  def init_group(self, block_shape, n):
+    ranks = [min(self.rank, d) for d in block_shape]
+    return SketchyGroupState(
+        sketches=tuple(sketch_lib.init_sketch(n, d, k)
+                       for d, k in zip(block_shape, ranks)),
+        roots=tuple(sketch_lib.init_root(n, d, k)
+                    for d, k in zip(block_shape, ranks)))
+
+  def update_statistics(self, state, g, count):
+    del count
+    sketches = tuple(sketch_lib.fd_update(s, unfold(g, axis), self.b2)
+                     for axis, s in enumerate(state.sketches))
+    return state._replace(sketches=sketches)
+
+  def refresh(self, state):
+    p = 2 * len(state.sketches)
+    results = [sketch_lib.inverse_root(
+        s, p, epsilon=self.epsilon, relative_epsilon=self.relative_epsilon)
+               for s in state.sketches]
+    residual = jnp.max(jnp.stack([res for _, res in results]), axis=0)
+    return state._replace(roots=tuple(r for r, _ in results)), residual
+
+  def precondition(self, state, g):
+    for axis, root in enumerate(state.roots):
+      g = sketch_lib.apply_root(root, g, axis)
+    return g
+
+
+def scale_by_sketchy(
+    *,
+    rank: int = 256,
+    block_size: int = 1024,
+    b2: float = 0.999,
+    epsilon: float = 1e-6,
+    precondition_every: int = 1,
+    start_preconditioning_step: int = 10,
+    relative_epsilon: bool = True,
+    inverse_failure_threshold: float = 0.1,
+    shard_axis: Optional[Any] = None,
+    mesh: Optional[Any] = None,
+) -> optax.GradientTransformationExtraArgs:
+  """Sketchy's preconditioned direction (ALGORITHMS §5).
+
+  Feinberg, Chen, Sun, Anil & Hazan, "Sketchy: Memory-efficient adaptive
+  regularization with Frequent Directions", NeurIPS 2023. Each Kronecker
+  factor of Shampoo is a rank-``k`` Frequent Directions sketch, so memory per
+  axis of size ``d`` is ``O(d·k)`` instead of ``O(d²)``. Usually wrapped in
+  :func:`kronopt.graft`.
+
+  The sketch is updated every step (one thin SVD of a ``d × (k + N/d)``
+  matrix per axis); the refresh only turns it into the cached inverse root,
+  which costs ``O(d·k)``, hence the default ``precondition_every=1``.
+
+  Args:
+    rank: sketch rank ``k`` per axis (an axis of size ``d ≤ rank`` keeps
+      ``k = d``, which is exact Shampoo up to scale).
+    block_size: largest block dimension; larger dimensions are split.
+    b2: decay ``β₂`` in ``(0, 1]`` of the sketched statistics; 1 is a sum.
+    epsilon: damping ``ε``; relative to ``max(σ² + ρ)`` unless
+      ``relative_epsilon`` is False, in which case it is absolute.
+    precondition_every: steps between refreshes of the cached roots.
+    start_preconditioning_step: first step preconditioned.
+    relative_epsilon: damping relative to the largest eigenvalue (default)
+      or absolute.
+    inverse_failure_threshold: largest loss of orthonormality ``max|UᵀU − I|``
+      a refreshed root basis may have.
+    shard_axis: mesh axis name (or tuple) to shard the stacked blocks over;
+      ``None`` does not shard (see :mod:`kronopt.sharding`).
+    mesh: the ``jax.sharding.Mesh``; ``None`` uses the ambient mesh.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` with a
+    :class:`kronopt.PreconditionerState` of :class:`SketchyGroupState` groups.
+
+  Raises:
+    ValueError: for an argument out of its valid range.
+  """
+  checks.check_int("rank", rank, low=1)
+  checks.check_number("b2", b2, low=0.0, high=1.0, low_open=True)
+  checks.check_number("epsilon", epsilon, low=0.0)
+  precond = Sketchy(rank=rank, b2=b2, epsilon=epsilon,
+                    relative_epsilon=relative_epsilon)
+  return engine.preconditioner_transform(
+      precond, block_size=block_size, precondition_every=precondition_every,
+      start_preconditioning_step=start_preconditioning_step,
+      inverse_failure_threshold=inverse_failure_threshold,
+      shard_axis=shard_axis, mesh=mesh)
