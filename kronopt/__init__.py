@@ -5,9 +5,12 @@ from kronopt.engine import PreconditionerState
 from kronopt.grafting import GraftState
 from kronopt.grafting import graft
 from kronopt.layout import make_layout
+from kronopt.optimizers import caspr
 from kronopt.optimizers import ema_momentum
 from kronopt.optimizers import shampoo
+from kronopt.optimizers import shampoo2
 from kronopt.optimizers import sketchy
+from kronopt.preconditioners.caspr import scale_by_caspr
 from kronopt.preconditioners.shampoo import ShampooGroupState
 from kronopt.preconditioners.shampoo import scale_by_shampoo
 from kronopt.preconditioners.sketchy import SketchyGroupState
@@ -21,13 +24,16 @@ __all__ = [
     "PreconditionerState",
     "ShampooGroupState",
     "SketchyGroupState",
+    "caspr",
     "diagnostics",
     "ema_momentum",
     "graft",
     "make_layout",
+    "scale_by_caspr",
     "scale_by_shampoo",
     "scale_by_sketchy",
     "shampoo",
+    "shampoo2",
     "sketchy",
     "state_shardings",
 ]

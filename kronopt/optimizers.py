@@ -17,6 +17,7 @@ import optax
 
 from kronopt import checks
 from kronopt.grafting import graft
+from kronopt.preconditioners.caspr import scale_by_caspr
 from kronopt.preconditioners.shampoo import scale_by_shampoo
 from kronopt.preconditioners.sketchy import scale_by_sketchy
 
@@ -84,6 +85,7 @@ def shampoo(
     inverse_failure_threshold: float = 0.1,
     graft_type: str = "adam",
     graft_eps: float = 1e-8,
+    kronecker_power_iterations: bool = False,
     shard_axis=None,
     mesh=None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -113,11 +115,98 @@ def shampoo(
       root_method=root_method, one_sided=one_sided,
       relative_epsilon=relative_epsilon,
       inverse_failure_threshold=inverse_failure_threshold,
+      kronecker_power_iterations=kronecker_power_iterations,
       shard_axis=shard_axis, mesh=mesh)
   return chain_after_direction(
       direction, learning_rate, b1=b1, nesterov=nesterov,
       weight_decay=weight_decay, graft_type=graft_type, graft_eps=graft_eps,
       graft_b2=b2)
+
+
+def shampoo2(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    epsilon: float = 1e-6,
+    weight_decay: float = 0.0,
+    nesterov: bool = True,
+    block_size: int = 1024,
+    precondition_every: int = 10,
+    start_preconditioning_step: int = 10,
+    root_method: str = "eigh",
+    one_sided: bool = False,
+    relative_epsilon: bool = True,
+    inverse_failure_threshold: float = 0.1,
+    graft_type: str = "adam",
+    graft_eps: float = 1e-8,
+    graft_b2: float = 0.999,
+    kronecker_power_iterations: bool = False,
+    shard_axis=None,
+    mesh=None,
+) -> optax.GradientTransformationExtraArgs:
+  """Shampoo², ``D = L^{-1/2} G R^{-1/2}``, with grafting and momentum.
+
+  Morwani et al., "A New Perspective on Shampoo's Preconditioner", 2024
+  (ALGORITHMS.md §3): ``L⊗R`` is one power-iteration step towards the optimal
+  Kronecker approximation of ``E[g gᵀ]``, so its inverse square root uses the
+  exponent ``−1/k`` per factor (``−1/2`` for matrices). Shampoo with
+  ``exponent_multiplier=2``; see :func:`kronopt.scale_by_shampoo` for the
+  preconditioner's arguments and :func:`shampoo` for the others.
+  """
+  direction = scale_by_shampoo(
+      block_size=block_size, b2=b2, epsilon=epsilon, exponent_multiplier=2.0,
+      precondition_every=precondition_every,
+      start_preconditioning_step=start_preconditioning_step,
+      root_method=root_method, one_sided=one_sided,
+      relative_epsilon=relative_epsilon,
+      inverse_failure_threshold=inverse_failure_threshold,
+      kronecker_power_iterations=kronecker_power_iterations,
+      shard_axis=shard_axis, mesh=mesh)
+  return chain_after_direction(
+      direction, learning_rate, b1=b1, nesterov=nesterov,
+      weight_decay=weight_decay, graft_type=graft_type, graft_eps=graft_eps,
+      graft_b2=graft_b2)
+
+
+def caspr(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    epsilon: float = 1e-6,
+    weight_decay: float = 0.0,
+    nesterov: bool = True,
+    block_size: int = 1024,
+    precondition_every: int = 10,
+    start_preconditioning_step: int = 10,
+    root_method: str = "eigh",
+    relative_epsilon: bool = True,
+    inverse_failure_threshold: float = 0.1,
+    graft_type: str = "adam",
+    graft_eps: float = 1e-8,
+    graft_b2: float = 0.999,
+    shard_axis=None,
+    mesh=None,
+) -> optax.GradientTransformationExtraArgs:
+  """CASPR, ``vec D = ((P_L ⊕ P_R)/2)² g``, with grafting and momentum.
+
+  Duvvuri et al., ICLR 2024 (ALGORITHMS.md §4): Shampoo's factors combined by
+  a Kronecker sum, with damping relative to each factor's mean eigenvalue.
+  See :func:`kronopt.scale_by_caspr` for the preconditioner's arguments and
+  :func:`shampoo` for the others.
+  """
+  direction = scale_by_caspr(
+      block_size=block_size, b2=b2, epsilon=epsilon,
+      precondition_every=precondition_every,
+      start_preconditioning_step=start_preconditioning_step,
+      root_method=root_method, relative_epsilon=relative_epsilon,
+      inverse_failure_threshold=inverse_failure_threshold,
+      shard_axis=shard_axis, mesh=mesh)
+  return chain_after_direction(
+      direction, learning_rate, b1=b1, nesterov=nesterov,
+      weight_decay=weight_decay, graft_type=graft_type, graft_eps=graft_eps,
+      graft_b2=graft_b2)
 
 
 def sketchy(
