@@ -26,6 +26,8 @@ CASES = {
     "shampoo": (kronopt.shampoo, dict(COMMON), LAYOUT_STATIC),
     "shampoo_newton": (kronopt.shampoo, dict(COMMON, root_method="newton"),
                        LAYOUT_STATIC),
+    "shampoo2": (kronopt.shampoo2, dict(COMMON), LAYOUT_STATIC),
+    "caspr": (kronopt.caspr, dict(COMMON), LAYOUT_STATIC),
     "sketchy": (kronopt.sketchy, dict(COMMON, rank=2),
                 LAYOUT_STATIC + ("rank",)),
 }
