@@ -135,7 +135,6 @@ def shampoo2(
     precondition_every: int = 10,
     start_preconditioning_step: int = 10,
     root_method: str = "eigh",
-    one_sided: bool = False,
     relative_epsilon: bool = True,
     inverse_failure_threshold: float = 0.1,
     graft_type: str = "adam",
@@ -158,8 +157,7 @@ def shampoo2(
       block_size=block_size, b2=b2, epsilon=epsilon, exponent_multiplier=2.0,
       precondition_every=precondition_every,
       start_preconditioning_step=start_preconditioning_step,
-      root_method=root_method, one_sided=one_sided,
-      relative_epsilon=relative_epsilon,
+      root_method=root_method, relative_epsilon=relative_epsilon,
       inverse_failure_threshold=inverse_failure_threshold,
       kronecker_power_iterations=kronecker_power_iterations,
       shard_axis=shard_axis, mesh=mesh)
