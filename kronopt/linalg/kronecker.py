@@ -111,8 +111,9 @@ def optimal_kronecker(h, shape, num_iters: int = 50):
   Starts from ``(A, B) = (I, I)``; each step is
   :func:`kronecker_power_step` followed by normalisation, so ``A`` and ``B``
   converge to the top singular vectors of ``𝓡(H)`` (for PSD ``H`` they stay
-  PSD). Returns ``(σ·Â, B̂)`` with ``‖B̂‖_F = 1`` and ``σ = vec Âᵀ 𝓡(H) vec B̂``,
-  the top singular value, so that ``A⊗B`` is the approximation itself.
+  PSD). Returns ``(σ·Â, B̂)`` with ``‖B̂‖_F = 1`` and
+  ``σ = vec Âᵀ 𝓡(H) vec B̂``, the top singular value, so that ``A⊗B`` is the
+  approximation itself.
   """
   m, n = shape
   init = (jnp.eye(m, dtype=h.dtype), jnp.eye(n, dtype=h.dtype))
