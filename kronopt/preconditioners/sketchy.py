@@ -111,9 +111,10 @@ def scale_by_sketchy(
   axis of size ``d`` is ``O(d·k)`` instead of ``O(d²)``. Usually wrapped in
   :func:`kronopt.graft`.
 
-  The sketch is updated every step (one thin SVD of a ``d × (k + N/d)``
-  matrix per axis); the refresh only turns it into the cached inverse root,
-  which costs ``O(d·k)``, hence the default ``precondition_every=1``.
+  The sketch is updated every step (per axis, the left singular pairs of a
+  ``d × (k + |G|/d)`` matrix: a ``d×d`` eigh for a wide one, a thin SVD for a
+  tall one); the refresh only turns it into the cached inverse root, which
+  costs ``O(d·k)``, hence the default ``precondition_every=1``.
 
   Args:
     rank: sketch rank ``k`` per axis (an axis of size ``d ≤ rank`` keeps
