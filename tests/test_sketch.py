@@ -28,7 +28,8 @@ def np_fd_update(u, sigma, rho, g, b2):
   z = np.concatenate([np.sqrt(b2) * u * sigma, g], axis=1)
   v, s, _ = np.linalg.svd(z, full_matrices=False)
   c = s[k] if s.shape[0] > k else 0.0
-  return v[:, :k], np.sqrt(np.maximum(s[:k] ** 2 - c ** 2, 0.0)), b2 * rho + c ** 2
+  sigma = np.sqrt(np.maximum(s[:k] ** 2 - c ** 2, 0.0))
+  return v[:, :k], sigma, b2 * rho + c ** 2
 
 
 def dense_sketch(u, sigma):
@@ -97,7 +98,8 @@ def test_fd_rank_at_least_d_is_exact():
     s = sketch.fd_update(s, jnp.asarray(g, jnp.float32), B2)
     exact = B2 * exact + g @ np.swapaxes(g, -1, -2)
   for b in range(N):
-    got = dense_sketch(np.asarray(s.basis[b], np.float64), np.asarray(s.sigma[b]))
+    got = dense_sketch(np.asarray(s.basis[b], np.float64),
+                       np.asarray(s.sigma[b]))
     np.testing.assert_allclose(got, exact[b], rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal(np.asarray(s.rho), 0.0)
 

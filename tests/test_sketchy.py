@@ -174,8 +174,9 @@ def dense_low_rank_root(root, b):
 def test_rank_at_least_d_equals_shampoo_up_to_scale():
   """§7.6: with k ≥ d, equal grafted directions; factors L/(1−β₂).
 
-  Sketchy's factor is ``L/(1−β₂)``, so each root is ``(1−β₂)^{1/(2k)}``
-  times Shampoo's and the direction ``(1−β₂)^{1/2}`` times Shampoo's.
+  Sketchy's factor is ``L/(1−β₂)``, so for an order-q block each root is
+  ``(1−β₂)^{1/(2q)}`` times Shampoo's and the direction ``(1−β₂)^{1/2}``
+  times Shampoo's.
   ε = 1e-3 (relative, as in Shampoo) keeps both float32 roots above the
   rounding noise of the rank-deficient statistics of the padded blocks.
   """
@@ -304,7 +305,8 @@ def train(tx, x, y, steps, batch=64):
             "b1": jnp.zeros(32),
             "w2": jax.random.normal(keys[1], (32, 10)) / math.sqrt(32),
             "b2": jnp.zeros(10)}
-  idx = jnp.asarray(np.random.default_rng(0).integers(0, len(y), (steps, batch)))
+  rng = np.random.default_rng(0)
+  idx = jnp.asarray(rng.integers(0, len(y), (steps, batch)))
 
   def step(carry, i):
     p, s = carry

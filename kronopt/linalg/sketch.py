@@ -94,7 +94,7 @@ def left_singular_pairs(z):
 
 
 def fd_update(sketch: Sketch, g: jax.Array, b2) -> Sketch:
-  """One decayed Frequent Directions step with new columns ``g`` (``[N, d, m]``).
+  """One decayed Frequent Directions step with new columns ``g`` ``[N, d, m]``.
 
   ``Z = [√β₂ U diag(σ), G]`` (``d × (k + m)``), thin SVD ``Z = V s Wᵀ``
   (:func:`left_singular_pairs`), cutoff ``c = s_{k+1}`` (0 if there is

@@ -1,14 +1,14 @@
 """Sketchy (Feinberg et al., NeurIPS 2023) -- ALGORITHMS.md §5.
 
 Shampoo with every Kronecker factor replaced by a rank-k Frequent Directions
-sketch (:mod:`kronopt.linalg.sketch`). Per block ``G`` (an order-k tensor)
+sketch (:mod:`kronopt.linalg.sketch`). Per block ``G`` (an order-q tensor)
 and axis i, with ``d = d_i`` and ``k = min(rank, d)``:
 
     sketch      Z = [√β₂ U diag(σ), G_(i)],  Z = V s Wᵀ,  c = s_{k+1},
-                σ_j = √(s_j² − c²),  U = V[:, :k],  ρ ← β₂ ρ + c²   (every step)
-    root        P_i = U diag((σ² + ρ + ε')^{-1/(2k)}) Uᵀ
-                      + (ρ + ε')^{-1/(2k)} (I − U Uᵀ)                (every refresh)
-    direction   D = G ×_1 P_1 ×_2 … ×_k P_k
+                σ_j = √(s_j² − c²),  U = V[:, :k],  ρ ← β₂ ρ + c²  (each step)
+    root        P_i = U diag((σ² + ρ + ε')^{-1/(2q)}) Uᵀ
+                      + (ρ + ε')^{-1/(2q)} (I − U Uᵀ)           (each refresh)
+    direction   D = G ×_1 P_1 ×_2 … ×_q P_q
 
 with ``ε' = ε · max(σ² + ρ)`` (or ``ε`` when ``relative_epsilon`` is False).
 Nothing ``d×d`` is stored: per axis the state is ``2·d·k + 2·k + 2`` floats
@@ -49,7 +49,7 @@ class SketchyGroupState(NamedTuple):
 
 
 def unfold(g, axis: int):
-  """The mode-i matricization per block: ``[N, d_1..d_k] -> [N, d_i, ∏_{j≠i} d_j]``."""
+  """Mode-i matricization per block: ``[N, d_1..d_q] -> [N, d_i, |G|/d_i]``."""
   g = jnp.moveaxis(g, axis + 1, 1)
   return jnp.reshape(g, g.shape[:2] + (-1,))
 
