@@ -194,7 +194,9 @@ def inverse_root_newton(a, p: int, *, epsilon=1e-6, relative_epsilon=True,
     x_new = _bmm(x, t)
     m_new = _bmm(_matrix_int_power(t, p), m)
     err_new = jnp.max(jnp.abs(m_new - eye), axis=(-2, -1))
-    improved = active & (err_new < err)
+    # Always take the first step: max|M - I| (entrywise) can rise on it even
+    # though every eigenvalue of M moves toward 1; X0 = z^(1/p) I is no root.
+    improved = active & ((err_new < err) | (i == 0))
     take = improved[..., None, None]
     x = jnp.where(take, x_new, x)
     m = jnp.where(take, m_new, m)
