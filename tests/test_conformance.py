@@ -26,6 +26,11 @@ CASES = {
     "shampoo": (kronopt.shampoo, dict(COMMON), LAYOUT_STATIC),
     "shampoo_newton": (kronopt.shampoo, dict(COMMON, root_method="newton"),
                        LAYOUT_STATIC),
+    "kradagrad_star": (kronopt.kradagrad, dict(COMMON, epsilon=0.1),
+                       LAYOUT_STATIC),
+    "kradagrad_single_axis": (
+        kronopt.kradagrad,
+        dict(COMMON, variant="single_axis", epsilon=0.01), LAYOUT_STATIC),
     "shampoo2": (kronopt.shampoo2, dict(COMMON), LAYOUT_STATIC),
     "caspr": (kronopt.caspr, dict(COMMON), LAYOUT_STATIC),
     "sketchy": (kronopt.sketchy, dict(COMMON, rank=2),
