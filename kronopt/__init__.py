@@ -7,10 +7,13 @@ from kronopt.grafting import graft
 from kronopt.layout import make_layout
 from kronopt.optimizers import caspr
 from kronopt.optimizers import ema_momentum
+from kronopt.optimizers import kradagrad
 from kronopt.optimizers import shampoo
 from kronopt.optimizers import shampoo2
 from kronopt.optimizers import sketchy
 from kronopt.preconditioners.caspr import scale_by_caspr
+from kronopt.preconditioners.kradagrad import KradagradGroupState
+from kronopt.preconditioners.kradagrad import scale_by_kradagrad
 from kronopt.preconditioners.shampoo import ShampooGroupState
 from kronopt.preconditioners.shampoo import scale_by_shampoo
 from kronopt.preconditioners.sketchy import SketchyGroupState
@@ -21,6 +24,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "GraftState",
+    "KradagradGroupState",
     "PreconditionerState",
     "ShampooGroupState",
     "SketchyGroupState",
@@ -28,8 +32,10 @@ __all__ = [
     "diagnostics",
     "ema_momentum",
     "graft",
+    "kradagrad",
     "make_layout",
     "scale_by_caspr",
+    "scale_by_kradagrad",
     "scale_by_shampoo",
     "scale_by_sketchy",
     "shampoo",

@@ -18,6 +18,7 @@ import optax
 from kronopt import checks
 from kronopt.grafting import graft
 from kronopt.preconditioners.caspr import scale_by_caspr
+from kronopt.preconditioners.kradagrad import scale_by_kradagrad
 from kronopt.preconditioners.shampoo import scale_by_shampoo
 from kronopt.preconditioners.sketchy import scale_by_sketchy
 
@@ -241,6 +242,42 @@ def sketchy(
       relative_epsilon=relative_epsilon,
       inverse_failure_threshold=inverse_failure_threshold,
       shard_axis=shard_axis, mesh=mesh)
+  return chain_after_direction(
+      direction, learning_rate, b1=b1, nesterov=nesterov,
+      weight_decay=weight_decay, graft_type=graft_type, graft_eps=graft_eps,
+      graft_b2=graft_b2)
+
+
+def kradagrad(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    variant: str = "star",
+    b1: float = 0.9,
+    b2: float = 1.0,
+    epsilon: float = 1e-6,
+    weight_decay: float = 0.0,
+    nesterov: bool = True,
+    block_size: int = 256,
+    precondition_every: int = 10,
+    start_preconditioning_step: int = 10,
+    inverse_failure_threshold: float = 0.1,
+    graft_type: str = "adam",
+    graft_eps: float = 1e-8,
+    graft_b2: float = 0.999,
+) -> optax.GradientTransformationExtraArgs:
+  """KrADagrad★ / KrADagrad with grafting, momentum and weight decay.
+
+  Mei et al. 2023 (ALGORITHMS.md §2): inverse-free Kronecker statistics, so
+  only positive matrix powers are taken and float32 is enough. See
+  :func:`kronopt.scale_by_kradagrad` for the preconditioner's arguments and
+  :func:`shampoo` for the others; ``b2`` is the statistics decay of the
+  preconditioner's (1 is AdaGrad), ``graft_b2`` the graft's.
+  """
+  direction = scale_by_kradagrad(
+      variant=variant, block_size=block_size, b2=b2, epsilon=epsilon,
+      precondition_every=precondition_every,
+      start_preconditioning_step=start_preconditioning_step,
+      inverse_failure_threshold=inverse_failure_threshold)
   return chain_after_direction(
       direction, learning_rate, b1=b1, nesterov=nesterov,
       weight_decay=weight_decay, graft_type=graft_type, graft_eps=graft_eps,
