@@ -1,7 +1,7 @@
 """KrADagrad★ and KrADagrad (Mei et al. 2023) -- ALGORITHMS.md §2.
 
-Mei, Moreno, Rand & Drozd, "KrADagrad: Kronecker Approximation-Domination
-Gradient Preconditioned Stochastic Optimization", arXiv:2305.19416 (2023).
+Mei et al., "KrADagrad: Kronecker Approximation-Domination Gradient
+Preconditioned Stochastic Optimization", 2023 (shared/seeds/000).
 
 Inverse-free Shampoo: per block ``G`` (an order-k tensor) and axis i the state
 holds ``X_i ≈ (statistic_i)^{-1}`` itself, so only *positive* matrix powers are
@@ -31,9 +31,12 @@ step and every axis i of the block (``d_i`` its size):
 
 so that ``⊗_i P_i ≈ Σ^{-1/2}``, full-matrix AdaGrad's preconditioner.
 
-The statistics cost ``O(Σ_i d_i³ + N Σ_i d_i)`` flops per block *every step*
-(three ``d_i×d_i`` products per axis), against Shampoo's ``O(N Σ_i d_i)``:
-keep ``block_size`` moderate. With ``β₂ < 1``, ``X`` grows by ``1/β₂`` per
+Cost per block of ``n`` entries, *every step*: ``2n Σ_i d_i`` flops for the
+Gram matrices (as Shampoo) plus ``4 Σ_i d_i³`` for the two ``d_i×d_i``
+products per axis (KrADagrad: one axis, plus the mode products of ``Ĝ``).
+For a square ``b×b`` block that is ``12b³``, three times Shampoo's
+statistics; for a thin ``b×r`` block the ``b³`` term dominates
+(``≈ b/(2r)`` times Shampoo): keep ``block_size`` moderate. With ``β₂ < 1``, ``X`` grows by ``1/β₂`` per
 step along directions that receive no gradient (zero padding included) and
 overflows float32 after about ``ln(3·10³⁸ ε)/(−ln β₂)`` steps; ``β₂ = 1``
 (AdaGrad, the paper's choice) is the default.
