@@ -115,7 +115,9 @@ def guarded_refresh(precond: Preconditioner, groups, threshold,
 
   Returns ``(groups, rejected_count, worst_residual)``.
   """
-  new_groups, rejected, worst = [], jnp.zeros([], jnp.int32), jnp.zeros([])
+  new_groups = []
+  rejected = jnp.zeros([], jnp.int32)
+  worst = jnp.zeros([], jnp.float32)
   if real_blocks is None:
     real_blocks = [None] * len(groups)
   for state, real in zip(groups, real_blocks):
@@ -127,7 +129,8 @@ def guarded_refresh(precond: Preconditioner, groups, threshold,
     rejected += jnp.sum(~ok & real).astype(jnp.int32)
     finite_res = jnp.where(jnp.isfinite(residual) & real, residual,
                            jnp.where(real, jnp.inf, 0.0))
-    worst = jnp.maximum(worst, jnp.max(finite_res, initial=0.0))
+    worst = jnp.maximum(
+        worst, jnp.max(finite_res, initial=0.0).astype(jnp.float32))
   return tuple(new_groups), rejected, worst
 
 

@@ -86,6 +86,7 @@ def shampoo(
     inverse_failure_threshold: float = 0.1,
     graft_type: str = "adam",
     graft_eps: float = 1e-8,
+    graft_b2: float = 0.999,
     kronecker_power_iterations: bool = False,
     shard_axis=None,
     mesh=None,
@@ -98,14 +99,14 @@ def shampoo(
   Args:
     learning_rate: a float or an optax schedule.
     b1: momentum EMA decay applied after grafting.
-    b2: statistics decay of the preconditioner and of the graft's second
-      moment.
+    b2: statistics decay of the preconditioner (1: a plain sum).
     weight_decay: decoupled weight decay (AdamW-style, before the learning
       rate).
     nesterov: Nesterov form of the momentum.
     graft_type: ``"adam"``, ``"adagrad"``, ``"rmsprop"``, ``"sgd"`` or
       ``"none"``.
     graft_eps: ε of the graft optimizer.
+    graft_b2: second-moment decay of the adam / rmsprop graft.
     shard_axis: mesh axis (or axes) to shard the stacked blocks over.
     mesh: the ``jax.sharding.Mesh``; ``None`` uses the ambient mesh.
   """
@@ -121,7 +122,7 @@ def shampoo(
   return chain_after_direction(
       direction, learning_rate, b1=b1, nesterov=nesterov,
       weight_decay=weight_decay, graft_type=graft_type, graft_eps=graft_eps,
-      graft_b2=b2)
+      graft_b2=graft_b2)
 
 
 def shampoo2(
