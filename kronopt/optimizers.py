@@ -265,6 +265,8 @@ def kradagrad(
     graft_type: str = "adam",
     graft_eps: float = 1e-8,
     graft_b2: float = 0.999,
+    shard_axis=None,
+    mesh=None,
 ) -> optax.GradientTransformationExtraArgs:
   """KrADagrad★ / KrADagrad with grafting, momentum and weight decay.
 
@@ -272,13 +274,15 @@ def kradagrad(
   only positive matrix powers are taken and float32 is enough. See
   :func:`kronopt.scale_by_kradagrad` for the preconditioner's arguments and
   :func:`shampoo` for the others; ``b2`` is the statistics decay of the
-  preconditioner's (1 is AdaGrad), ``graft_b2`` the graft's.
+  preconditioner's (1 is AdaGrad), ``graft_b2`` the graft's; ``shard_axis``
+  and ``mesh`` shard the stacked blocks (see :mod:`kronopt.sharding`).
   """
   direction = scale_by_kradagrad(
       variant=variant, block_size=block_size, b2=b2, epsilon=epsilon,
       precondition_every=precondition_every,
       start_preconditioning_step=start_preconditioning_step,
-      inverse_failure_threshold=inverse_failure_threshold)
+      inverse_failure_threshold=inverse_failure_threshold,
+      shard_axis=shard_axis, mesh=mesh)
   return chain_after_direction(
       direction, learning_rate, b1=b1, nesterov=nesterov,
       weight_decay=weight_decay, graft_type=graft_type, graft_eps=graft_eps,

@@ -240,6 +240,35 @@ def check_declared_shardings():
     assert got.is_equivalent_to(NamedSharding(mesh, P(axes)), 3), got
 
 
+OTHER_ALGORITHMS = {
+    "caspr": lambda **kw: kronopt.scale_by_caspr(**COMMON, **kw),
+    "sketchy": lambda **kw: kronopt.scale_by_sketchy(rank=4, **COMMON, **kw),
+    "kradagrad_star": lambda **kw: kronopt.scale_by_kradagrad(
+        variant="star", **COMMON, **kw),
+    "kradagrad_single_axis": lambda **kw: kronopt.scale_by_kradagrad(
+        variant="single_axis", **COMMON, **kw),
+    "shampoo2_alias": lambda **kw: kronopt.shampoo2(1e-2, **COMMON, **kw),
+}
+COMMON = dict(block_size=BLOCK, precondition_every=2,
+              start_preconditioning_step=1)
+
+
+def check_other_algorithms_match_single_device():
+  """Every engine-built preconditioner (and an alias) shards the same way:
+  same updates as one device, stacked leaves P("x") with N/8 per device."""
+  mesh = jax.make_mesh((8,), ("x",), axis_types=(AxisType.Auto,))
+  params = {"a": jnp.zeros((32, 24))}  # [12, 8, 8] -> 16 padded
+  for name, make in OTHER_ALGORITHMS.items():
+    want, _ = run(make(), params, steps=4)
+    got, states = run(make(shard_axis="x", mesh=mesh), params, steps=4)
+    try:
+      assert_updates_close(got, want)
+      assert_group_shardings(states[-1], mesh, "x", 8)
+      assert int(engine_state(states[-1]).failures) == 0
+    except AssertionError as e:
+      raise AssertionError(f"{name}: {e}") from e
+
+
 def check_fsdp_2x4():
   """Parameters sharded over one mesh axis ("data", FSDP), the block axis
   over the other ("model"): same updates as one device, N/4 per device."""

@@ -45,7 +45,7 @@ overflows float32 after about ``ln(3·10³⁸ ε)/(−ln β₂)`` steps; ``β₂
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -197,6 +197,8 @@ def scale_by_kradagrad(
     precondition_every: int = 10,
     start_preconditioning_step: int = 10,
     inverse_failure_threshold: float = 0.1,
+    shard_axis: Optional[Any] = None,
+    mesh: Optional[Any] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """KrADagrad★ / KrADagrad's direction ``D = G ×_i P_i`` (ALGORITHMS §2).
 
@@ -218,6 +220,9 @@ def scale_by_kradagrad(
     start_preconditioning_step: first step preconditioned.
     inverse_failure_threshold: largest eigh reconstruction error (relative to
       λ_max) a refreshed root may have.
+    shard_axis: mesh axis name (or tuple) to shard the stacked blocks over;
+      ``None`` does not shard (see :mod:`kronopt.sharding`).
+    mesh: the ``jax.sharding.Mesh``; ``None`` uses the ambient mesh.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with a
@@ -237,4 +242,5 @@ def scale_by_kradagrad(
   return engine.preconditioner_transform(
       precond, block_size=block_size, precondition_every=precondition_every,
       start_preconditioning_step=start_preconditioning_step,
-      inverse_failure_threshold=inverse_failure_threshold)
+      inverse_failure_threshold=inverse_failure_threshold,
+      shard_axis=shard_axis, mesh=mesh)
