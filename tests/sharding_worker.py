@@ -19,6 +19,7 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax.sharding import AxisType
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -267,6 +268,29 @@ def check_other_algorithms_match_single_device():
       assert int(engine_state(states[-1]).failures) == 0
     except AssertionError as e:
       raise AssertionError(f"{name}: {e}") from e
+
+
+def check_optax_wrappers():
+  """Sharded Shampoo inside optax.masked (MaskedNode leaves),
+  optax.MultiSteps and optax.inject_hyperparams: the stacked leaves stay
+  sharded, and the injected optimizer equals the plain one."""
+  mesh = jax.make_mesh((8,), ("x",), axis_types=(AxisType.Auto,))
+  params = {"a": jnp.zeros((32, 24)), "b": jnp.zeros((8, 8))}
+  kw = dict(COMMON, shard_axis="x", mesh=mesh)
+  plain, _ = run(kronopt.shampoo(1e-2, **kw), params, steps=3)
+  injected = optax.inject_hyperparams(
+      kronopt.shampoo, static_args=tuple(kw))(learning_rate=1e-2, **kw)
+  got, states = run(injected, params, steps=3)
+  assert_updates_close(got, plain)
+  assert_group_shardings(states[-1], mesh, "x", 8)
+  masked = optax.masked(kronopt.scale_by_shampoo(**kw),
+                        {"a": True, "b": False})
+  _, states = run(masked, params, steps=3)
+  assert_group_shardings(states[-1], mesh, "x", 8)
+  multi = optax.MultiSteps(kronopt.shampoo(1e-2, **kw), every_k_schedule=2)
+  _, states = run(multi, params, steps=4)
+  assert_group_shardings(states[-1], mesh, "x", 8)
+  assert int(engine_state(states[-1]).count) == 2
 
 
 def check_fsdp_2x4():

@@ -23,6 +23,7 @@ CHECKS = (
     "fsdp_2x4",
     "matches_single_device_eigh",
     "matches_single_device_newton",
+    "optax_wrappers",
     "other_algorithms_match_single_device",
     "padding_never_counts_as_failure",
     "zero_statistics_roots_pass_guard",
