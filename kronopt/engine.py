@@ -23,6 +23,12 @@ applies the preconditioner and lays the direction back out as a tree:
   previous state and the rejection is counted in ``failures``.
 * Before ``start_preconditioning_step`` the direction is the gradient itself
   (:func:`kronopt.graft` then substitutes the magnitude's own update).
+* With ``shard_axis``, every group's ``N`` is padded to a multiple of the mesh
+  axis size with identity blocks (``init_group`` at the padded size, zero
+  gradient blocks, masked out of the guard, cut off when un-blocking) and the
+  group state and gradient blocks are constrained to ``P(shard_axis)``, so
+  each device updates and refreshes its ``N / size`` blocks
+  (:mod:`kronopt.sharding`).
 """
 
 from __future__ import annotations
@@ -208,7 +214,8 @@ def preconditioner_transform(
     padded = [shard.padded(n) for n in lay.group_sizes]
     constrain_groups = lambda gs: tuple(
         shard.constrain_tree(g, n) for g, n in zip(gs, padded))
-    real_blocks = [shard.constrain(jnp.arange(n_pad) < n, n_pad)
+    real_blocks = [None if n_pad == n else
+                   shard.constrain(jnp.arange(n_pad) < n, n_pad)
                    for n, n_pad in zip(lay.group_sizes, padded)]
     blocks = layout_lib.block(
         lay, jax.tree_util.tree_map(shard.gather, updates))
