@@ -1,0 +1,1 @@
+"""Experiments on kronopt: workloads, the main job and the benchmark."""

@@ -1,0 +1,1 @@
+"""Data, models and training loops shared by the experiments."""
