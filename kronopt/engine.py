@@ -111,23 +111,44 @@ def _block_ok(candidate, residual, threshold):
   return ok
 
 
+def refresh_per_shard(precond: Preconditioner, shard, state):
+  """``precond.refresh`` run by each device on its own blocks only.
+
+  The block axis ``N`` (sharded over ``shard.size()`` devices) is split into
+  ``[size, N/size]`` and the refresh is vmapped over the sharded axis, so each
+  device decomposes its ``N/size`` blocks; the CPU path of
+  :mod:`kronopt.linalg.lapack`, which loops over the unsharded axis, then
+  stays local too.
+  """
+  size = shard.size()
+  if size == 1:
+    return precond.refresh(state)
+  split = lambda x: jnp.reshape(x, (size, x.shape[0] // size) + x.shape[1:])
+  merge = lambda x: jnp.reshape(x, (-1,) + x.shape[2:])
+  parts = shard.constrain_tree(jax.tree_util.tree_map(split, state), size)
+  out = jax.vmap(precond.refresh)(parts)
+  return jax.tree_util.tree_map(merge, shard.constrain_tree(out, size))
+
+
 def guarded_refresh(precond: Preconditioner, groups, threshold,
-                    real_blocks=None):
+                    real_blocks=None, refresh=None):
   """Refreshes every group, keeping the old state of each rejected block.
 
   ``real_blocks`` gives, per group, a bool ``[N]`` mask of the real blocks;
   the others are sharding padding (identity blocks), which keep their state
   and count neither as failures nor in the residual. ``None``: all are real.
+  ``refresh`` replaces ``precond.refresh`` (e.g. :func:`refresh_per_shard`).
 
   Returns ``(groups, rejected_count, worst_residual)``.
   """
+  refresh = refresh or precond.refresh
   new_groups = []
   rejected = jnp.zeros([], jnp.int32)
   worst = jnp.zeros([], jnp.float32)
   if real_blocks is None:
     real_blocks = [None] * len(groups)
   for state, real in zip(groups, real_blocks):
-    candidate, residual = precond.refresh(state)
+    candidate, residual = refresh(state)
     ok = _block_ok(candidate, residual, threshold)
     if real is None:
       real = jnp.ones(residual.shape, bool)
@@ -231,8 +252,9 @@ def preconditioner_transform(
                     % precondition_every == 0)
     groups, rejected, residual = jax.lax.cond(
         due,
-        lambda gs: guarded_refresh(precond, gs, inverse_failure_threshold,
-                                   real_blocks),
+        lambda gs: guarded_refresh(
+            precond, gs, inverse_failure_threshold, real_blocks,
+            refresh=lambda st: refresh_per_shard(precond, shard, st)),
         lambda gs: (gs, jnp.zeros([], jnp.int32), state.residual),
         groups)
     groups = constrain_groups(groups)

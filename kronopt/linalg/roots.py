@@ -21,6 +21,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kronopt.linalg import lapack
+
 HIGHEST = jax.lax.Precision.HIGHEST
 TINY = 1e-30
 
@@ -112,7 +114,7 @@ def matrix_power_eigh(a, power, *, epsilon=0.0, relative_epsilon=True,
   reconstruction error of the decomposition.
   """
   a = symmetrize(a)
-  lam, q = jnp.linalg.eigh(a)
+  lam, q = lapack.eigh(a)
   lam_max = jnp.max(lam, axis=-1)
   recon = _bmm(q * lam[..., None, :], jnp.swapaxes(q, -1, -2))
   residual = jnp.max(jnp.abs(recon - a), axis=(-2, -1)) / jnp.maximum(

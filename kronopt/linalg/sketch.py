@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 from kronopt import engine
 from kronopt.linalg import kronecker
+from kronopt.linalg import lapack
 from kronopt.linalg import roots
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -86,10 +87,10 @@ def left_singular_pairs(z):
   """
   d, c = z.shape[-2:]
   if d > c:
-    v, s, _ = jnp.linalg.svd(z, full_matrices=False)
+    v, s, _ = lapack.svd(z)
     return v, s ** 2
   gram = jnp.matmul(z, jnp.swapaxes(z, -1, -2), precision=HIGHEST)
-  s2, v = jnp.linalg.eigh(gram)
+  s2, v = lapack.eigh(gram)
   return v[..., ::-1], jnp.maximum(s2[..., ::-1], 0.0)
 
 
