@@ -22,7 +22,6 @@ from typing import Any, Optional
 
 import optax
 
-from kronopt import checks
 from kronopt import engine
 from kronopt.linalg import kronecker
 from kronopt.preconditioners import shampoo
@@ -96,9 +95,9 @@ def scale_by_caspr(
     :class:`kronopt.PreconditionerState` of :class:`ShampooGroupState` groups.
   """
   shampoo.check_root_args(b2=b2, epsilon=epsilon, exponent=None,
-                          root_method=root_method)
-  checks.check_int("newton_max_iters", newton_max_iters, low=1)
-  checks.check_number("newton_tol", newton_tol, low=0.0, low_open=True)
+                          root_method=root_method,
+                          newton_max_iters=newton_max_iters,
+                          newton_tol=newton_tol)
   precond = Caspr(
       b2=b2, epsilon=epsilon, relative_epsilon=relative_epsilon,
       root_method=root_method, newton_max_iters=newton_max_iters,

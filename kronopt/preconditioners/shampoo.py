@@ -145,8 +145,11 @@ class Shampoo:
         g, dict(zip(self.axes(g.shape[1:]), state.roots)))
 
 
-def check_root_args(*, b2, epsilon, exponent, root_method):
+def check_root_args(*, b2, epsilon, exponent, root_method, newton_max_iters,
+                    newton_tol):
   """Validation shared by the Shampoo-family transforms."""
+  checks.check_int("newton_max_iters", newton_max_iters, low=1)
+  checks.check_number("newton_tol", newton_tol, low=0.0, low_open=True)
   checks.check_number("b2", b2, low=0.0, high=1.0, low_open=True)
   checks.check_number("epsilon", epsilon, low=0.0)
   checks.check_number("exponent", exponent, low=-1.0, high=0.0,
@@ -241,9 +244,8 @@ def scale_by_shampoo(
     :class:`kronopt.PreconditionerState` of :class:`ShampooGroupState` groups.
   """
   check_root_args(b2=b2, epsilon=epsilon, exponent=exponent,
-                  root_method=root_method)
-  checks.check_int("newton_max_iters", newton_max_iters, low=1)
-  checks.check_number("newton_tol", newton_tol, low=0.0, low_open=True)
+                  root_method=root_method, newton_max_iters=newton_max_iters,
+                  newton_tol=newton_tol)
   check_power_args(exponent=exponent, exponent_multiplier=exponent_multiplier,
                    kronecker_power_iterations=kronecker_power_iterations,
                    root_method=root_method)
