@@ -58,8 +58,26 @@ REGISTRY = [
     {"name": "shampoo", "block_size": 1024, "precondition_every": 10, "root_method": "newton"},
     {"name": "shampoo", "block_size": 1024, "precondition_every": 100, "root_method": "newton"},
 ]
+# The rest of the family, each at the settings its issue asks for.
+FAMILY = [
+    {"name": "shampoo2", "block_size": 256, "precondition_every": 10},
+    {"name": "shampoo2", "block_size": 1024, "precondition_every": 10},
+    {"name": "shampoo2", "block_size": 256, "precondition_every": 10,
+     "kronecker_power_iterations": True},
+    {"name": "caspr", "block_size": 256, "precondition_every": 10},
+    {"name": "caspr", "block_size": 1024, "precondition_every": 10},
+    {"name": "sketchy", "rank": 16, "block_size": 1024, "precondition_every": 1},
+    {"name": "sketchy", "rank": 64, "block_size": 1024, "precondition_every": 1},
+    {"name": "sketchy", "rank": 256, "block_size": 1024,
+     "precondition_every": 1},
+    {"name": "kradagrad", "block_size": 128, "precondition_every": 10},
+    {"name": "kradagrad", "block_size": 256, "precondition_every": 10},
+    {"name": "kradagrad", "block_size": 1024, "precondition_every": 10},
+]
+REGISTRY = REGISTRY + FAMILY
 QUICK = [spec for spec in REGISTRY
-         if spec["precondition_every"] == 10 and spec["root_method"] == "eigh"]
+         if spec["name"] == "shampoo" and spec["precondition_every"] == 10
+         and spec["root_method"] == "eigh"]
 
 # Largest amortized step-time ratio, keyed by (block_size, precondition_every).
 STEP_TARGETS = {(256, 10): 2.0, (1024, 10): 4.0}
@@ -151,7 +169,7 @@ def flop_floor(spec, params, batch) -> Optional[float]:
   Per block of shape ``m×n``: statistics ``2m²n + 2mn²`` and preconditioning
   ``P_L G P_R`` another ``2m²n + 2mn²`` flops.
   """
-  if "block_size" not in spec:
+  if spec["name"] not in ("shampoo", "shampoo2"):  # the formula's algorithm
     return None
   lay = kronopt.make_layout(params, spec["block_size"])
   extra = sum(n * 4 * math.prod(shape) * sum(shape)
@@ -234,8 +252,26 @@ def shampoo_state_bytes(spec, params) -> int:
   return factors + 3 * tree_bytes(params)
 
 
+def sketchy_state_bytes(spec, params) -> int:
+  """Per block and axis of size d, with k = min(rank, d): the sketch (U, σ,
+  ρ) and the cached root (its basis, scales and tail), 4·(2dk + 2k + 2)
+  bytes; plus graft and momentum, 3× the parameters."""
+  lay = kronopt.make_layout(params, spec.get("block_size", 1024))
+  rank = spec.get("rank", 256)
+  per_axis = lambda d: 4 * (2 * d * min(rank, d) + 2 * min(rank, d) + 2)
+  factors = sum(n * sum(per_axis(d) for d in shape)
+                for shape, n in zip(lay.group_shapes, lay.group_sizes))
+  return factors + 3 * tree_bytes(params)
+
+
+# Shampoo², CASPR and KrADagrad keep two d×d float32 matrices per axis too
+# (statistic or inverse statistic, and its root).
 PREDICTED_STATE_BYTES = {"adam": adam_state_bytes,
-                         "shampoo": shampoo_state_bytes}
+                         "shampoo": shampoo_state_bytes,
+                         "shampoo2": shampoo_state_bytes,
+                         "caspr": shampoo_state_bytes,
+                         "kradagrad": shampoo_state_bytes,
+                         "sketchy": sketchy_state_bytes}
 
 
 def bench_memory(specs):
@@ -257,19 +293,6 @@ def bench_memory(specs):
         "match": None if predicted is None else arrays == predicted,
     })
   return rows
-
-
-def pin_to_one_core() -> None:
-  """On hosts with ≤ 2 cores, runs this process on one of them.
-
-  jaxlib's batched CPU ``eigh`` fans each batch out over XLA's intra-op pool
-  and waits for it; when XLA runs two such calls at once on a 2-thread pool,
-  both wait forever (seen with jax 0.10.2). A 1-thread pool runs them one
-  after the other. Must run before the CPU backend starts.
-  """
-  cpus = sorted(os.sched_getaffinity(0))
-  if len(cpus) <= 2:
-    os.sched_setaffinity(0, cpus[-1:])
 
 
 def machine() -> dict[str, Any]:
@@ -343,10 +366,13 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true",
                       help="only the targeted configs, one repeat")
+  parser.add_argument("--only", nargs="+", metavar="NAME",
+                      help="only the registry entries of these optimizers")
   parser.add_argument("--out", default="results/bench.json")
   args = parser.parse_args(argv)
-  pin_to_one_core()
   specs = QUICK if args.quick else REGISTRY
+  if args.only:
+    specs = [spec for spec in specs if spec["name"] in args.only]
   repeats = 1 if args.quick else 3
   firsts = list({spec["name"]: spec for spec in reversed(specs)}.values())
   report = {"machine": machine(), "quick": args.quick, "repeats": repeats}
