@@ -33,6 +33,7 @@ applies the preconditioner and lays the direction back out as a tree:
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple, Optional, Protocol
 
 import chex
@@ -89,10 +90,40 @@ def find_states(tree) -> list[PreconditionerState]:
           if is_engine(s)]
 
 
+def _stacks_by_shape(leaves):
+  """``(indices, stack)`` per distinct (shape, dtype) among ``leaves``."""
+  by_shape: dict = {}
+  for i, x in enumerate(leaves):
+    by_shape.setdefault((x.shape, x.dtype), []).append(i)
+  return [(idx, jnp.stack([leaves[i] for i in idx]))
+          for idx in by_shape.values()]
+
+
+def per_leaf_reduce(fn, leaves) -> list:
+  """``[fn(x) for x in leaves]`` with one batched call per leaf shape.
+
+  ``fn`` maps a stack ``[k, *shape]`` to ``[k]``. Leaves of equal shape and
+  dtype are stacked, so a model of many equal layers costs a few reductions
+  instead of one per leaf (each reduction is a kernel of its own for XLA).
+  """
+  out = [None] * len(leaves)
+  for idx, stack in _stacks_by_shape(leaves):
+    values = fn(stack)
+    for j, i in enumerate(idx):
+      out[i] = values[j]
+  return out
+
+
 def tree_all_finite(tree) -> jax.Array:
-  """A scalar bool: every entry of every leaf is finite."""
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]
-  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+  """A scalar bool: every entry of every leaf is finite.
+
+  One reduction per distinct leaf shape. (A flag combined from one value per
+  leaf is a chain of scalar ``and``s that XLA copies into every fusion that
+  reads the flag, one per parameter: compile time then grows with depth².)
+  """
+  flags = [jnp.all(jnp.isfinite(stack))
+           for _, stack in _stacks_by_shape(jax.tree_util.tree_leaves(tree))]
+  return functools.reduce(jnp.logical_and, flags, jnp.asarray(True))
 
 
 def tree_select(pred, on_true, on_false):

@@ -59,8 +59,17 @@ def _preconditioned(direction_state) -> jax.Array:
   return found[0].preconditioned if found else jnp.asarray(True)
 
 
-def _norm(x):
-  return jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32))))
+def _norms(x):
+  """Frobenius norm of each ``x[i]`` of a stack, in float32."""
+  x = x.astype(jnp.float32)
+  return jnp.sqrt(jnp.sum(jnp.square(x), axis=tuple(range(1, x.ndim))))
+
+
+def _graft_scales(d_leaves, u_leaves):
+  """Per leaf ``‖U_g‖_F / max(‖D‖_F, tiny)``, batched over equal shapes."""
+  d_norms = engine.per_leaf_reduce(_norms, d_leaves)
+  u_norms = engine.per_leaf_reduce(_norms, u_leaves)
+  return [u / jnp.maximum(dn, TINY) for dn, u in zip(d_norms, u_norms)]
 
 
 def graft(direction: optax.GradientTransformation,
@@ -103,16 +112,19 @@ def graft(direction: optax.GradientTransformation,
     m_state = engine.tree_select(finite, m_state, state.magnitude)
     active = _preconditioned(d_state)
 
-    def combine(d_leaf, u_leaf):
+    d_leaves, treedef = jax.tree_util.tree_flatten(d)
+    u_leaves = treedef.flatten_up_to(u)
+    scales = _graft_scales(d_leaves, u_leaves)
+
+    def combine(d_leaf, u_leaf, scale):
       if not layout.is_preconditioned(d_leaf.shape):
         out = u_leaf
       else:
-        scale = _norm(u_leaf) / jnp.maximum(_norm(d_leaf), TINY)
         grafted = d_leaf.astype(jnp.float32) * scale
         out = jnp.where(active, grafted, u_leaf.astype(jnp.float32))
       return jnp.where(finite, out, 0.0).astype(d_leaf.dtype)
 
-    return (jax.tree_util.tree_map(combine, d, u),
-            GraftState(d_state, m_state))
+    out = [combine(*leaf) for leaf in zip(d_leaves, u_leaves, scales)]
+    return treedef.unflatten(out), GraftState(d_state, m_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
