@@ -15,13 +15,9 @@ sharded training step of Shampoo against ``optax.adam`` under the same
 sharding. Simulated CPU devices share the machine's cores, so they show the
 mechanics and the overhead, not a speed-up.
 
-The roots use ``root_method="newton"`` (matmuls only, the GPU/TPU fast path).
-On simulated CPU devices, jaxlib's batched LAPACK eigh can deadlock inside a
-multi-device program that also has collectives: each device's eigh splits
-its batch over the shared intra-op thread pool and waits for the pieces,
-and with all 8 device executions waiting none of the pieces runs (seen with
-gdb; the plain eigh-only program does not hang). This is a CPU-simulation
-issue, not a property of the sharding.
+The roots use ``root_method="newton"`` (matmuls only, the GPU/TPU fast path);
+``eigh`` works too (on CPU it decomposes one matrix at a time, see
+:mod:`kronopt.linalg.lapack`).
 """
 
 from __future__ import annotations

@@ -5,8 +5,6 @@ import math
 
 from experiments import run
 
-# block_size 64 keeps one block per layout group: batched CPU eigh can
-# deadlock on 2-core hosts (see experiments.bench.pin_to_one_core).
 CONFIG = """\
 experiment: quickstart
 output_dir: {out}
