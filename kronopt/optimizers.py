@@ -10,9 +10,7 @@ from __future__ import annotations
 
 from typing import NamedTuple, Optional
 
-import chex
 import jax
-import jax.numpy as jnp
 import optax
 
 from kronopt import checks
@@ -38,17 +36,14 @@ def ema_momentum(b1: float = 0.9, nesterov: bool = True
   def init_fn(params):
     return EmaMomentumState(optax.tree.zeros_like(params))
 
+  def ema(m, updates):
+    return jax.tree_util.tree_map(
+        lambda mu, u: (b1 * mu + (1.0 - b1) * u).astype(u.dtype), m, updates)
+
   def update_fn(updates, state, params=None):
     del params
-    m = jax.tree_util.tree_map(
-        lambda mu, u: (b1 * mu + (1.0 - b1) * u).astype(u.dtype),
-        state.momentum, updates)
-    if nesterov:
-      out = jax.tree_util.tree_map(
-          lambda mu, u: (b1 * mu + (1.0 - b1) * u).astype(u.dtype), m, updates)
-    else:
-      out = m
-    return out, EmaMomentumState(m)
+    m = ema(state.momentum, updates)
+    return (ema(m, updates) if nesterov else m), EmaMomentumState(m)
 
   return optax.GradientTransformation(init_fn, update_fn)
 

@@ -8,7 +8,6 @@ merging, splitting, padding, a rank-1 parameter and an order-3 block.
 import chex
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 import pytest
 

@@ -3,8 +3,6 @@
 The message must name the argument, the value and the valid range.
 """
 
-import re
-
 import optax
 import pytest
 
