@@ -45,18 +45,10 @@ LEARNING_RATE = 1e-3
 BASELINE = {"name": "adam"}
 
 REGISTRY = [
-    {"name": "shampoo", "block_size": 256, "precondition_every": 1, "root_method": "eigh"},
-    {"name": "shampoo", "block_size": 256, "precondition_every": 10, "root_method": "eigh"},
-    {"name": "shampoo", "block_size": 256, "precondition_every": 100, "root_method": "eigh"},
-    {"name": "shampoo", "block_size": 256, "precondition_every": 1, "root_method": "newton"},
-    {"name": "shampoo", "block_size": 256, "precondition_every": 10, "root_method": "newton"},
-    {"name": "shampoo", "block_size": 256, "precondition_every": 100, "root_method": "newton"},
-    {"name": "shampoo", "block_size": 1024, "precondition_every": 1, "root_method": "eigh"},
-    {"name": "shampoo", "block_size": 1024, "precondition_every": 10, "root_method": "eigh"},
-    {"name": "shampoo", "block_size": 1024, "precondition_every": 100, "root_method": "eigh"},
-    {"name": "shampoo", "block_size": 1024, "precondition_every": 1, "root_method": "newton"},
-    {"name": "shampoo", "block_size": 1024, "precondition_every": 10, "root_method": "newton"},
-    {"name": "shampoo", "block_size": 1024, "precondition_every": 100, "root_method": "newton"},
+    {"name": "shampoo", "block_size": block, "precondition_every": every,
+     "root_method": method}
+    for block in (256, 1024) for method in ("eigh", "newton")
+    for every in (1, 10, 100)
 ]
 # The rest of the family, each at the settings its issue asks for.
 FAMILY = [
