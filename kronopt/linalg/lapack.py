@@ -8,7 +8,7 @@ pool while waiting for pieces that have no thread left to run on: the step
 deadlocks (seen with jaxlib 0.10.2 on a 2-core host, single device and
 simulated multi-device alike). On CPU the functions here therefore decompose
 one matrix at a time with ``lax.map``, which never blocks on the pool; on
-GPU/TPU they make the usual batched call.
+GPU/TPU they make the usual batched call. ``qr`` goes the same way.
 """
 
 from __future__ import annotations
@@ -38,3 +38,8 @@ def svd(a):
   """Thin ``(U, s, Vᵀ)`` for a stack ``[..., m, n]``."""
   return _cpu_one_at_a_time(
       lambda x: tuple(jnp.linalg.svd(x, full_matrices=False)), a)
+
+
+def qr(a):
+  """Reduced ``(Q, R)`` with ``A = Q R`` for a stack ``[..., m, n]``."""
+  return _cpu_one_at_a_time(lambda x: tuple(jnp.linalg.qr(x)), a)
