@@ -1,26 +1,29 @@
-"""Batched matrix powers of symmetric PSD matrices (ALGORITHMS.md §0).
+"""Batched matrix powers of symmetric PSD matrices (docs/algorithms.md §0).
 
 Every function here takes a stack ``A`` of shape ``[N, d, d]`` and works on all
-``N`` matrices in one batched call. Two methods compute the inverse p-th root
-``A^{-1/p}`` with the same contract, ``(root, residual)``:
+``N`` matrices in one batched call. Three methods compute the inverse p-th
+root ``A^{-1/p}``; the first two with the contract ``(root, residual)``:
 
 * :func:`inverse_root_eigh` -- ``A = Q diag(λ) Qᵀ``, damp the eigenvalues,
   ``root = Q diag(λ^{-1/p}) Qᵀ``.
 * :func:`inverse_root_newton` -- the coupled Newton iteration (Guo & Higham
   2006; Anil et al. 2020, "Scalable second order optimization for deep
   learning"), matmuls only: the fast path on GPU/TPU.
+* :func:`inverse_root_qr` -- from a warm-started eigenbasis kept between
+  refreshes (power + QR steps, :mod:`kronopt.linalg.eigenbasis`), returning
+  ``(root, basis, residual)``.
 
 The residual is what the refresh guard of the engine compares to
 ``inverse_failure_threshold``: for Newton, ``max|M − I|`` at the returned
 iterate (``M → X^p A'``); for eigh, the relative reconstruction error
-``max|Q diag(λ) Qᵀ − A| / λ_max``.
+``max|Q diag(λ) Qᵀ − A| / λ_max``; for qr, the relative off-diagonal mass
+``‖QᵀAQ − diag‖_F / ‖A‖_F`` of the basis.
 """
-
-from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
+from kronopt.linalg import eigenbasis as eigenbasis_lib
 from kronopt.linalg import lapack
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -97,17 +100,33 @@ def _damping_scale(a, lam_max, relative_to):
                    f"{', '.join(map(repr, RELATIVE_TO))}.")
 
 
+def power_from_eigen(q, lam, power, *, epsilon=0.0, relative_epsilon=True,
+                     clip_negative=True, scale=None):
+  """``Q diag((λ + δ)^{power}) Qᵀ`` from an eigendecomposition.
+
+  ``λ`` is first clipped at 0 (``clip_negative``, the relative-damping recipe
+  of docs/algorithms.md §0; without it, the papers' absolute ``A + εI`` where
+  a negative eigenvalue gives a NaN the refresh guard rejects); ``δ`` is
+  :func:`damping` of ``scale`` (default: the largest eigenvalue).
+
+  Returns ``(power_of_A, damped_eigenvalues)``.
+  """
+  lam_max = jnp.max(lam, axis=-1)
+  lam = jnp.where(clip_negative, jnp.maximum(lam, 0.0), lam)
+  scale = lam_max if scale is None else scale
+  lam = lam + damping(scale, epsilon, relative_epsilon)[..., None]
+  powered = _bmm(q * (lam ** power)[..., None, :], jnp.swapaxes(q, -1, -2))
+  return powered, lam
+
+
 def matrix_power_eigh(a, power, *, epsilon=0.0, relative_epsilon=True,
                       clip_negative=True, relative_to="max"):
   """``(A + δI)^{power}`` for a stack of PSD matrices via eigh.
 
   ``δ`` is :func:`damping` of the largest eigenvalue (``relative_to="max"``)
   or of the mean eigenvalue ``tr(A)/d`` (``"mean"``, CASPR's ``ε_r``,
-  ALGORITHMS §4; see :func:`mean_eigenvalue`). With ``clip_negative``
-  the eigenvalues are first clipped at 0 (the relative-damping recipe of
-  ALGORITHMS §0); without it they are used as computed, which is the papers'
-  absolute damping ``A + εI`` (a negative eigenvalue then gives a NaN root that
-  the refresh guard rejects).
+  docs/algorithms.md §4; see :func:`mean_eigenvalue`); see
+  :func:`power_from_eigen` for ``clip_negative``.
 
   Returns ``(power_of_A, eigenvalues, eigenvectors, residual)`` where the
   eigenvalues are the damped ones and the residual is the relative
@@ -119,10 +138,10 @@ def matrix_power_eigh(a, power, *, epsilon=0.0, relative_epsilon=True,
   recon = _bmm(q * lam[..., None, :], jnp.swapaxes(q, -1, -2))
   residual = jnp.max(jnp.abs(recon - a), axis=(-2, -1)) / jnp.maximum(
       jnp.abs(lam_max), TINY)
-  lam = jnp.where(clip_negative, jnp.maximum(lam, 0.0), lam)
-  scale = _damping_scale(a, lam_max, relative_to)
-  lam = lam + damping(scale, epsilon, relative_epsilon)[..., None]
-  powered = _bmm(q * (lam ** power)[..., None, :], jnp.swapaxes(q, -1, -2))
+  powered, lam = power_from_eigen(
+      q, lam, power, epsilon=epsilon, relative_epsilon=relative_epsilon,
+      clip_negative=clip_negative,
+      scale=_damping_scale(a, lam_max, relative_to))
   return powered, lam, q, residual
 
 
@@ -210,6 +229,40 @@ def inverse_root_newton(a, p: int, *, epsilon=1e-6, relative_epsilon=True,
   _, x, _, err, _ = jax.lax.while_loop(
       cond, body, (jnp.asarray(0), x, m, err, active0))
   return x, err
+
+
+def inverse_root_qr(a, q, p, *, epsilon=1e-6, relative_epsilon=True,
+                    relative_to="max", tolerance=0.01, iterations=1,
+                    fallback=0.1):
+  """``A^{-1/p}`` from the warm-started eigenbasis ``q`` (docs/algorithms.md §0).
+
+  :func:`kronopt.linalg.eigenbasis.refine` takes up to ``iterations`` power +
+  QR steps from ``q`` while the off-diagonal mass of ``Qᵀ A Q`` exceeds
+  ``tolerance``; the Rayleigh quotients ``λ̂ = diag(Qᵀ A Q)``, clipped at 0
+  and damped as for eigh, give ``root = Q diag(λ̂^{-1/p}) Qᵀ``. If any
+  matrix's off-diagonal mass is still above ``fallback`` (the first refresh
+  from ``q = I``, or statistics that moved fast), the whole stack is
+  decomposed by eigh instead (:func:`kronopt.linalg.eigenbasis.eigenbasis`).
+
+  Returns ``(root, basis, residual)``; the residual is the off-diagonal mass
+  of the basis returned (about ``1e-7`` after eigh).
+  """
+  a = symmetrize(a)
+  q, est, mass = eigenbasis_lib.refine(a, q, tolerance=tolerance,
+                                       iterations=iterations)
+
+  def by_eigh(_):
+    q_e, _ = eigenbasis_lib.eigenbasis(a)
+    _, est_e, mass_e = eigenbasis_lib.rayleigh(a, q_e)
+    return q_e, est_e, mass_e
+
+  q, est, mass = jax.lax.cond(jnp.any(mass > fallback), by_eigh,
+                              lambda _: (q, est, mass), None)
+  root, _ = power_from_eigen(
+      q, est, -1.0 / p, epsilon=epsilon, relative_epsilon=relative_epsilon,
+      clip_negative=relative_epsilon,
+      scale=_damping_scale(a, jnp.max(est, axis=-1), relative_to))
+  return root, q, mass
 
 
 def inverse_root(a, p, *, method="eigh", epsilon=1e-6, relative_epsilon=True,
