@@ -139,7 +139,7 @@ def bench_refresh(root_method, n=64, d=BLOCK):
   """The refresh of ``n`` random ``d×d`` statistics: 1 device vs 8."""
   precond = shampoo_lib.Shampoo(root_method=root_method)
   g = jax.random.normal(jax.random.PRNGKey(1), (n, d, 2 * d))
-  state = precond.update_statistics(precond.init_group((d, 2 * d), n), g, 0)
+  state = precond.update_statistics(precond.init_group((d, 2 * d), n), g)
   mesh = jax.make_mesh((8,), ("x",), axis_types=(AxisType.Auto,))
   refresh = jax.jit(lambda s: engine.guarded_refresh(precond, [s], 0.1))
   one = _time(refresh, jax.device_put(state, jax.devices()[0]))

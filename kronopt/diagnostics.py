@@ -6,8 +6,6 @@ hyperparams, MultiSteps) for the engine's
 to log every step.
 """
 
-from __future__ import annotations
-
 import jax.numpy as jnp
 
 from kronopt.engine import find_states
@@ -21,6 +19,8 @@ def diagnostics(state) -> dict:
       root or residual above ``inverse_failure_threshold``), summed.
     ``skipped_gradients``: steps whose gradient was non-finite (the largest
       count over the preconditioners found).
+    ``overflowed_statistics``: steps skipped because a finite gradient would
+      have made the statistics non-finite (largest count).
     ``worst_residual``: largest residual of the last refresh.
     ``preconditioned``: whether the last update was preconditioned.
     ``count``: steps taken.
@@ -36,6 +36,7 @@ def diagnostics(state) -> dict:
   return {
       "refresh_failures": jnp.sum(stack(lambda s: s.failures)),
       "skipped_gradients": jnp.max(stack(lambda s: s.skipped)),
+      "overflowed_statistics": jnp.max(stack(lambda s: s.overflows)),
       "worst_residual": jnp.max(stack(lambda s: s.residual)),
       "preconditioned": jnp.all(stack(lambda s: s.preconditioned)),
       "count": jnp.max(stack(lambda s: s.count)),

@@ -1,65 +1,117 @@
 """The shared loop of every Kronecker-factored preconditioner.
 
-parameters → :mod:`kronopt.layout` → **engine** → preconditioner → graft.
+parameters → layout → **engine** → preconditioner → graft → rest of the chain.
 
-An algorithm (Shampoo, CASPR, Sketchy, KrADagrad, …) is a small object with
-four methods over one *group* of ``N`` stacked blocks ``G`` (``[N, *block]``,
-float32):
+**Layouts.** A layout (:class:`kronopt.layout.Layout` by default; K-FAC brings
+its own) cuts a tree into *groups* of ``N`` stacked blocks of one shape. It
+has ``treedef``, ``group_shapes``, ``group_sizes``, ``group_axes`` (per group,
+the block axes that may be preconditioned), ``block(tree)`` (a list of
+float32 ``[N, *shape]`` arrays), ``unblock(groups, like)`` (the inverse;
+leaves it does not cover are copied from ``like``), ``real_sizes()`` (per
+group and axis, the unpadded extent of each block, int ``[N]``),
+``block_aux(extra_args)`` (per group a pytree of ``[N, …]`` arrays taken from
+the update's extra arguments, or ``None``) and ``covered()`` (per leaf,
+whether it is preconditioned). It is a pure function of shapes, the config
+and which extra arguments are present, recomputed at trace time and never
+stored.
 
-* ``init_group(block_shape, n)`` → a NamedTuple of ``[n, …]`` arrays;
-* ``update_statistics(state, g, count)`` → state, every step;
-* ``refresh(state)`` → ``(candidate_state, residual[n])``, the expensive
-  part (matrix roots), every ``precondition_every`` steps;
-* ``precondition(state, g)`` → the direction ``D`` (``[N, *block]``).
+**Algorithms.** An algorithm (Shampoo, CASPR, Sketchy, KrADagrad, SOAP, K-FAC)
+is a small object with four methods over one group:
 
-The engine (ALGORITHMS.md §0) lays the gradient out in groups, updates the
-statistics, runs the refresh under ``lax.cond`` on the step count, guards it,
-applies the preconditioner and lays the direction back out as a tree:
+* ``init_group(block_shape, n, axes)`` → a NamedTuple of ``[n, …]`` arrays;
+* ``update_statistics(state, g, ctx)`` → state, every ``statistics_every``
+  steps (``g`` is the blocked statistics gradient);
+* ``refresh(state, ctx)`` → ``(candidate_state, residual[n])``, the expensive
+  part (matrix roots, bases), every ``precondition_every`` steps;
+* ``precondition(state, g, ctx)`` → the direction ``D`` (``[N, *block]``).
 
-* A step whose gradient has a non-finite entry leaves every statistic
-  untouched, returns a zero direction and is counted in ``skipped``.
+``ctx`` is a :class:`GroupContext`: the step count, each block's global index
+(randomness is ``fold_in(fold_in(key(seed), count), index)``), the real
+extents, the group's auxiliary input and its preconditioned axes.
+
+**The loop** (docs/algorithms.md §0) lays the update out in groups, updates
+the statistics, runs the refresh under ``lax.cond`` on the step count,
+guards it, applies the preconditioner and lays the direction back out:
+
+* The direction is applied to ``updates``; the statistics come from the
+  extra argument ``statistics_gradient`` when given (the graft passes the raw
+  gradient there while it preconditions the bias-corrected first moment,
+  docs/algorithms.md §0 "One momentum"), else from ``updates``.
+* A step whose gradient (or auxiliary input) has a non-finite entry, or whose
+  statistics would become non-finite, is *skipped*: no state changes except
+  its counter (``skipped`` or ``overflows``), ``count`` does not advance and
+  the direction is zero. :func:`step_taken` tells the rest of a chain.
 * A refreshed block whose candidate state is non-finite or whose residual
   exceeds ``inverse_failure_threshold`` is rejected: the block keeps its
   previous state and the rejection is counted in ``failures``.
-* Before ``start_preconditioning_step`` the direction is the gradient itself
+* Before ``start_preconditioning_step`` the direction is ``updates`` itself
   (:func:`kronopt.graft` then substitutes the magnitude's own update).
 * With ``shard_axis``, every group's ``N`` is padded to a multiple of the mesh
   axis size with identity blocks (``init_group`` at the padded size, zero
-  gradient blocks, masked out of the guard, cut off when un-blocking) and the
-  group state and gradient blocks are constrained to ``P(shard_axis)``, so
+  blocks, real extent 0, masked out of the guard, cut off when un-blocking)
+  and the group state and blocks are constrained to ``P(shard_axis)``, so
   each device updates and refreshes its ``N / size`` blocks
   (:mod:`kronopt.sharding`).
 """
 
-from __future__ import annotations
-
 import functools
-from typing import Any, NamedTuple, Optional, Protocol
+from typing import Any, Callable, NamedTuple, Optional, Protocol
 
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from kronopt import checks
 from kronopt import layout as layout_lib
 from kronopt import sharding as sharding_lib
 
+STATISTICS_GRADIENT = "statistics_gradient"
+"""Extra-argument name of the tree the statistics are computed from."""
+
+REPORT_COVERED = "kronopt_report_covered"
+"""Extra-argument name of a callback ``f(treedef, covered)`` called at trace
+time with the layout's :meth:`covered` flags (used by :func:`kronopt.graft`)."""
+
+
+class GroupContext(NamedTuple):
+  """What an algorithm is told about one group, besides its state.
+
+  Attributes:
+    count: int32 scalar, steps taken before this one (skipped steps do not
+      count).
+    index: int32 ``[N]``, each block's index in the whole layout (unique
+      across groups), for ``jax.random.fold_in``.
+    real: per block axis, int32 ``[N]``: the block's unpadded extent along it
+      (0 for sharding-padding blocks).
+    aux: the group's auxiliary input (see ``Layout.block_aux``) or ``None``.
+    axes: static tuple of the block axes that may be preconditioned.
+  """
+  count: Any
+  index: Any
+  real: tuple
+  aux: Any
+  axes: tuple
+
 
 class Preconditioner(Protocol):
   """What an algorithm provides to the engine (see the module docstring)."""
 
-  def init_group(self, block_shape: tuple[int, ...], n: int) -> Any:
+  def init_group(self, block_shape: tuple[int, ...], n: int,
+                 axes: tuple[int, ...]) -> Any:
     ...
 
-  def update_statistics(self, state: Any, g: jax.Array, count: jax.Array
+  def update_statistics(self, state: Any, g: jax.Array, ctx: GroupContext
                         ) -> Any:
     ...
 
-  def refresh(self, state: Any) -> tuple[Any, jax.Array]:
+  def refresh(self, state: Any, ctx: GroupContext
+              ) -> tuple[Any, jax.Array]:
     ...
 
-  def precondition(self, state: Any, g: jax.Array) -> jax.Array:
+  def precondition(self, state: Any, g: jax.Array, ctx: GroupContext
+                   ) -> jax.Array:
     ...
 
 
@@ -67,12 +119,14 @@ class PreconditionerState(NamedTuple):
   """State of every engine-built transform.
 
   Attributes:
-    count: int32 number of updates taken.
+    count: int32 number of updates taken (skipped steps not counted).
     groups: per group of stacked blocks, the algorithm's NamedTuple state.
     preconditioned: bool, whether the last update used the preconditioner
       (``count ≥ start_preconditioning_step``); read by :func:`kronopt.graft`.
     failures: int32 number of block refreshes rejected by the guard.
-    skipped: int32 number of steps whose gradient was non-finite.
+    skipped: int32 number of steps skipped for a non-finite gradient.
+    overflows: int32 number of steps skipped because a finite gradient would
+      have made the statistics non-finite (e.g. entries of 1e19 squared).
     residual: float32 largest residual of the last refresh.
   """
   count: chex.Array
@@ -80,6 +134,7 @@ class PreconditionerState(NamedTuple):
   preconditioned: chex.Array
   failures: chex.Array
   skipped: chex.Array
+  overflows: chex.Array
   residual: chex.Array
 
 
@@ -88,6 +143,18 @@ def find_states(tree) -> list[PreconditionerState]:
   is_engine = lambda x: isinstance(x, PreconditionerState)
   return [s for s in jax.tree_util.tree_leaves(tree, is_leaf=is_engine)
           if is_engine(s)]
+
+
+def step_taken(old_state, new_state) -> Optional[jax.Array]:
+  """Whether the engine inside ``new_state`` took the step (``None``: none).
+
+  A skipped step (non-finite gradient or statistics) leaves ``count`` as it
+  was; the graft and the ready-made chains use this to skip the same steps.
+  """
+  old, new = find_states(old_state), find_states(new_state)
+  if not old or not new:
+    return None
+  return new[0].count != old[0].count
 
 
 def _stacks_by_shape(leaves):
@@ -114,15 +181,20 @@ def per_leaf_reduce(fn, leaves) -> list:
   return out
 
 
+def _inexact_leaves(tree) -> list:
+  return [x for x in jax.tree_util.tree_leaves(tree)
+          if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+
+
 def tree_all_finite(tree) -> jax.Array:
-  """A scalar bool: every entry of every leaf is finite.
+  """A scalar bool: every entry of every floating leaf is finite.
 
   One reduction per distinct leaf shape. (A flag combined from one value per
   leaf is a chain of scalar ``and``s that XLA copies into every fusion that
   reads the flag, one per parameter: compile time then grows with depth².)
   """
   flags = [jnp.all(jnp.isfinite(stack))
-           for _, stack in _stacks_by_shape(jax.tree_util.tree_leaves(tree))]
+           for _, stack in _stacks_by_shape(_inexact_leaves(tree))]
   return functools.reduce(jnp.logical_and, flags, jnp.asarray(True))
 
 
@@ -134,15 +206,28 @@ def tree_select(pred, on_true, on_false):
   return jax.tree_util.tree_map(sel, on_true, on_false)
 
 
+def _changed_leaves(new, old) -> list:
+  """The leaves of ``new`` that are not the very arrays of ``old``.
+
+  An algorithm's ``update_statistics`` typically replaces some fields
+  (``state._replace(stats=...)``) and passes the others through; only the
+  replaced ones need a finiteness check.
+  """
+  olds = {id(x) for x in jax.tree_util.tree_leaves(old)}
+  return [x for x in jax.tree_util.tree_leaves(new) if id(x) not in olds]
+
+
 def _block_ok(candidate, residual, threshold):
   """Per block: every leaf finite and the residual within the threshold."""
   ok = jnp.isfinite(residual) & (residual <= threshold)
   for leaf in jax.tree_util.tree_leaves(candidate):
-    ok &= jnp.all(jnp.isfinite(leaf), axis=tuple(range(1, leaf.ndim)))
+    if jnp.issubdtype(leaf.dtype, jnp.inexact):
+      ok &= jnp.all(jnp.isfinite(leaf), axis=tuple(range(1, leaf.ndim)))
   return ok
 
 
-def refresh_per_shard(precond: Preconditioner, shard, state):
+def refresh_per_shard(precond: Preconditioner, shard, state,
+                      ctx: GroupContext):
   """``precond.refresh`` run by each device on its own blocks only.
 
   The block axis ``N`` (sharded over ``shard.size()`` devices) is split into
@@ -153,22 +238,26 @@ def refresh_per_shard(precond: Preconditioner, shard, state):
   """
   size = shard.size()
   if size == 1:
-    return precond.refresh(state)
+    return precond.refresh(state, ctx)
   split = lambda x: jnp.reshape(x, (size, x.shape[0] // size) + x.shape[1:])
   merge = lambda x: jnp.reshape(x, (-1,) + x.shape[2:])
-  parts = shard.constrain_tree(jax.tree_util.tree_map(split, state), size)
-  out = jax.vmap(precond.refresh)(parts)
+  blocked = (state, ctx.index, ctx.real, ctx.aux)
+  parts = shard.constrain_tree(jax.tree_util.tree_map(split, blocked), size)
+
+  def one_device(st, index, real, aux):
+    return precond.refresh(st, ctx._replace(index=index, real=real, aux=aux))
+
+  out = jax.vmap(one_device)(*parts)
   return jax.tree_util.tree_map(merge, shard.constrain_tree(out, size))
 
 
-def guarded_refresh(precond: Preconditioner, groups, threshold,
-                    real_blocks=None, refresh=None):
+def guarded_refresh(precond: Preconditioner, groups, ctxs, threshold,
+                    refresh=None):
   """Refreshes every group, keeping the old state of each rejected block.
 
-  ``real_blocks`` gives, per group, a bool ``[N]`` mask of the real blocks;
-  the others are sharding padding (identity blocks), which keep their state
-  and count neither as failures nor in the residual. ``None``: all are real.
-  ``refresh`` replaces ``precond.refresh`` (e.g. :func:`refresh_per_shard`).
+  Blocks whose real extent is 0 (sharding padding, identity blocks) keep
+  their state and count neither as failures nor in the residual. ``refresh``
+  replaces ``precond.refresh`` (e.g. :func:`refresh_per_shard`).
 
   Returns ``(groups, rejected_count, worst_residual)``.
   """
@@ -176,13 +265,10 @@ def guarded_refresh(precond: Preconditioner, groups, threshold,
   new_groups = []
   rejected = jnp.zeros([], jnp.int32)
   worst = jnp.zeros([], jnp.float32)
-  if real_blocks is None:
-    real_blocks = [None] * len(groups)
-  for state, real in zip(groups, real_blocks):
-    candidate, residual = refresh(state)
+  for state, ctx in zip(groups, ctxs):
+    candidate, residual = refresh(state, ctx)
     ok = _block_ok(candidate, residual, threshold)
-    if real is None:
-      real = jnp.ones(residual.shape, bool)
+    real = ctx.real[0] > 0
     new_groups.append(tree_select(ok & real, candidate, state))
     rejected += jnp.sum(~ok & real).astype(jnp.int32)
     finite_res = jnp.where(jnp.isfinite(residual) & real, residual,
@@ -192,20 +278,90 @@ def guarded_refresh(precond: Preconditioner, groups, threshold,
   return tuple(new_groups), rejected, worst
 
 
-def _pad_blocks(g, n_padded):
-  """Appends zero blocks to ``g`` (``[n, *block]``) up to ``n_padded``."""
-  if n_padded == g.shape[0]:
-    return g
-  return jnp.pad(g, [(0, n_padded - g.shape[0])] + [(0, 0)] * (g.ndim - 1))
+def _pad_blocks(x, n_padded):
+  """Appends zero blocks to ``x`` (``[n, …]``) up to ``n_padded``."""
+  if n_padded == x.shape[0]:
+    return x
+  return jnp.pad(x, [(0, n_padded - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
+
+
+def default_layout_fn(block_size: int, max_precond_dim: Optional[int] = None
+                      ) -> Callable:
+  """Shampoo's layout (:func:`kronopt.layout.make_layout`) as a layout_fn."""
+  def layout_fn(tree, extra_args):
+    del extra_args
+    return layout_lib.make_layout(tree, block_size, max_precond_dim)
+  return layout_fn
+
+
+def cast_like(tree, like):
+  """``tree`` with every leaf cast to the dtype of ``like``'s leaf."""
+  return jax.tree_util.tree_map(lambda x, e: jnp.asarray(x).astype(e.dtype),
+                                tree, like)
+
+
+def keep_float_dtypes(new, given):
+  """Floating leaves of ``new`` in the dtype they had in ``given``.
+
+  A state whose leaves were cast (e.g. ``optax.tree_utils.tree_cast(state,
+  jnp.bfloat16)``) is computed on in its own dtypes (:func:`cast_like`) and
+  handed back with its floating leaves in the given dtypes, so a jitted step
+  does not retrace; integer and bool leaves (counters, flags) stay exact.
+  """
+  def restore(x, g):
+    g_dtype = jnp.result_type(g)
+    if jnp.issubdtype(g_dtype, jnp.floating) and jnp.issubdtype(
+        x.dtype, jnp.floating):
+      return x.astype(g_dtype)
+    return x
+  return jax.tree_util.tree_map(restore, new, given)
+
+
+def check_tree_matches(state_tree, updates, what: str):
+  """A clear error when a per-parameter state leaf does not match updates."""
+  is_masked = lambda x: isinstance(x, optax.MaskedNode)
+  got = jax.tree_util.tree_flatten(state_tree, is_leaf=is_masked)
+  want = jax.tree_util.tree_flatten(updates, is_leaf=is_masked)
+  shapes = lambda leaves: [getattr(x, "shape", None) for x in leaves]
+  if got[1] == want[1] and shapes(got[0]) == shapes(want[0]):
+    return
+  raise ValueError(
+      f"The optimizer state does not match the updates: its {what} has "
+      f"structure {got[1]} with shapes {shapes(got[0])}, the updates "
+      f"{want[1]} with shapes {shapes(want[0])}. The state was initialised "
+      "for another parameter tree; call tx.init(params) with the tree you "
+      "update.")
+
+
+def _check_state_matches(lay, groups, expected):
+  """A clear error when the state was initialised for another tree."""
+  if len(groups) == len(expected):
+    same = all(
+        jax.tree_util.tree_structure(g) == jax.tree_util.tree_structure(e)
+        and all(a.shape == b.shape for a, b in zip(
+            jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(e)))
+        for g, e in zip(groups, expected))
+    if same:
+      return
+  want = [f"{n}×{s}" for n, s in zip(lay.group_sizes, lay.group_shapes)]
+  raise ValueError(
+      "The optimizer state does not match the updates: these updates lay out "
+      f"as block groups {want}, but the state holds {len(groups)} group(s) "
+      "of other shapes. The state was initialised for another parameter tree "
+      "or another layout configuration (block_size, max_precond_dim, ...); "
+      "call tx.init(params) with the tree you update.")
 
 
 def preconditioner_transform(
     precond: Preconditioner,
     *,
-    block_size: int,
     precondition_every: int,
     start_preconditioning_step: int,
     inverse_failure_threshold: float,
+    block_size: Optional[int] = None,
+    max_precond_dim: Optional[int] = None,
+    layout_fn: Optional[Callable] = None,
+    statistics_every: int = 1,
     shard_axis: sharding_lib.ShardAxis = None,
     mesh: Optional[jax.sharding.Mesh] = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -213,11 +369,19 @@ def preconditioner_transform(
 
   Args:
     precond: the algorithm (see :class:`Preconditioner`).
-    block_size: the largest block dimension (see :mod:`kronopt.layout`).
     precondition_every: refresh period in steps.
     start_preconditioning_step: first step at which the preconditioner is
       refreshed and applied.
     inverse_failure_threshold: largest residual a refreshed block may have.
+    block_size: the largest block dimension of the default layout (see
+      :mod:`kronopt.layout`); required unless ``layout_fn`` is given.
+    max_precond_dim: dimensions larger than this get no factor in the
+      default layout; ``None`` preconditions every dimension.
+    layout_fn: ``layout_fn(tree, extra_args) -> layout`` (see the module
+      docstring); default :func:`default_layout_fn`.
+    statistics_every: the statistics are updated at steps ``count`` with
+      ``count % statistics_every == 0`` (as distributed Shampoo's
+      ``statistics_compute_steps``).
     shard_axis: mesh axis name (or tuple of names) to shard the stacked block
       axis ``N`` of every group over; ``None`` (default) does not shard. ``N``
       is padded to a multiple of the axis size with identity blocks, and each
@@ -233,78 +397,124 @@ def preconditioner_transform(
   Raises:
     ValueError: for an argument out of its valid range.
   """
-  checks.check_int("block_size", block_size, low=2)
-  checks.check_int("precondition_every", precondition_every, low=1)
+  if layout_fn is None:
+    checks.check_int("block_size", block_size, low=2, static=True)
+    checks.check_int("max_precond_dim", max_precond_dim, low=1,
+                     allow_none=True, static=True)
+    layout_fn = default_layout_fn(block_size, max_precond_dim)
+  checks.check_int("precondition_every", precondition_every, low=1,
+                   high=checks.INT32_MAX)
+  checks.check_int("statistics_every", statistics_every, low=1,
+                   high=checks.INT32_MAX)
   checks.check_int("start_preconditioning_step", start_preconditioning_step,
-                   low=0)
+                   low=0, high=checks.INT32_MAX)
   checks.check_number("inverse_failure_threshold", inverse_failure_threshold,
                       low=0.0, low_open=True)
   sharding_lib.check_shard_axis(shard_axis, mesh)
   shard = sharding_lib.BlockSharding(shard_axis, mesh)
 
-  def init_fn(params):
-    lay = layout_lib.make_layout(params, block_size)
-    groups = []
-    for shape, n in zip(lay.group_shapes, lay.group_sizes):
-      n_padded = shard.padded(n)
-      groups.append(shard.constrain_tree(precond.init_group(shape, n_padded),
-                                         n_padded))
+  def init_groups(lay):
+    return tuple(
+        shard.constrain_tree(precond.init_group(shape, shard.padded(n), axes),
+                             shard.padded(n))
+        for shape, n, axes in zip(lay.group_shapes, lay.group_sizes,
+                                  lay.group_axes))
+
+  def init_state(lay):
+    zero = jnp.zeros([], jnp.int32)
     return PreconditionerState(
-        count=jnp.zeros([], jnp.int32),
-        groups=tuple(groups),
-        preconditioned=jnp.asarray(False),
-        failures=jnp.zeros([], jnp.int32),
-        skipped=jnp.zeros([], jnp.int32),
-        residual=jnp.zeros([], jnp.float32),
-    )
+        count=zero, groups=init_groups(lay), preconditioned=jnp.asarray(False),
+        failures=zero, skipped=zero, overflows=zero,
+        residual=jnp.zeros([], jnp.float32))
+
+  def init_fn(params):
+    return init_state(layout_fn(params, {}))
+
+  def contexts(lay, count, aux):
+    """One :class:`GroupContext` per group (padded for sharding)."""
+    ctxs, offset = [], 0
+    aux = aux if aux is not None else [None] * len(lay.group_sizes)
+    for n, axes, real, a in zip(lay.group_sizes, lay.group_axes,
+                                lay.real_sizes(), aux):
+      n_pad = shard.padded(n)
+      pad = lambda x: shard.constrain(_pad_blocks(x, n_pad), n_pad)
+      ctxs.append(GroupContext(
+          count=count,
+          index=pad(jnp.arange(offset, offset + n, dtype=jnp.int32)),
+          real=tuple(pad(jnp.asarray(r, jnp.int32)) for r in real),
+          aux=jax.tree_util.tree_map(pad, a), axes=tuple(axes)))
+      offset += n_pad
+    return ctxs
+
+  def blocks_of(lay, tree, ok):
+    out = lay.block(jax.tree_util.tree_map(shard.gather, tree))
+    return [shard.constrain(_pad_blocks(jnp.where(ok, g, 0.0), shard.padded(n)),
+                            shard.padded(n))
+            for g, n in zip(out, lay.group_sizes)]
 
   def update_fn(updates, state, params=None, **extra_args):
-    del params, extra_args
-    lay = layout_lib.make_layout(updates, block_size)
+    del params
+    lay = layout_fn(updates, extra_args)
+    expected = jax.eval_shape(lambda: init_state(lay))
+    _check_state_matches(lay, state.groups, expected.groups)
+    given = state
+    state = cast_like(state, expected)
+    old_groups = state.groups
+    report = extra_args.get(REPORT_COVERED)
+    if callable(report):
+      report(lay.treedef, lay.covered())
+    source = extra_args.get(STATISTICS_GRADIENT)
+    aux = lay.block_aux(extra_args)
     count = state.count
-    finite = tree_all_finite(updates)
-    padded = [shard.padded(n) for n in lay.group_sizes]
+    finite = tree_all_finite((updates, source, aux))
+    ctxs = contexts(lay, count, aux)
+    blocks = blocks_of(lay, updates, finite)
+    stat_blocks = blocks if source is None else blocks_of(lay, source, finite)
     constrain_groups = lambda gs: tuple(
-        shard.constrain_tree(g, n) for g, n in zip(gs, padded))
-    real_blocks = [None if n_pad == n else
-                   shard.constrain(jnp.arange(n_pad) < n, n_pad)
-                   for n, n_pad in zip(lay.group_sizes, padded)]
-    blocks = layout_lib.block(
-        lay, jax.tree_util.tree_map(shard.gather, updates))
-    blocks = [shard.constrain(_pad_blocks(jnp.where(finite, g, 0.0), n), n)
-              for g, n in zip(blocks, padded)]
+        shard.constrain_tree(g, shard.padded(n))
+        for g, n in zip(gs, lay.group_sizes))
 
-    stepped = tuple(precond.update_statistics(s, g, count)
-                    for s, g in zip(state.groups, blocks))
-    groups = constrain_groups(tree_select(finite, stepped, state.groups))
+    def stepped_statistics(gs):
+      return tuple(precond.update_statistics(s, g, c)
+                   for s, g, c in zip(gs, stat_blocks, ctxs))
+
+    if isinstance(statistics_every, int) and statistics_every == 1:
+      stepped = stepped_statistics(old_groups)
+    else:
+      stepped = jax.lax.cond(count % statistics_every == 0,
+                             stepped_statistics, lambda gs: gs, old_groups)
+    stats_finite = tree_all_finite(_changed_leaves(stepped, old_groups))
+    taken = finite & stats_finite
+    groups = constrain_groups(tree_select(taken, stepped, old_groups))
 
     active = count >= start_preconditioning_step
-    due = active & ((count - start_preconditioning_step)
-                    % precondition_every == 0)
+    due = taken & active & ((count - start_preconditioning_step)
+                            % precondition_every == 0)
     groups, rejected, residual = jax.lax.cond(
         due,
         lambda gs: guarded_refresh(
-            precond, gs, inverse_failure_threshold, real_blocks,
-            refresh=lambda st: refresh_per_shard(precond, shard, st)),
-        lambda gs: (gs, jnp.zeros([], jnp.int32), state.residual),
+            precond, gs, ctxs, inverse_failure_threshold,
+            refresh=lambda st, c: refresh_per_shard(precond, shard, st, c)),
+        lambda gs: (gs, jnp.zeros([], jnp.int32),
+                    state.residual.astype(jnp.float32)),
         groups)
     groups = constrain_groups(groups)
 
-    directions = [jnp.where(active, precond.precondition(s, g), g)
-                  for s, g in zip(groups, blocks)]
-    out = layout_lib.unblock(
-        lay, [shard.gather(d) for d in directions], updates)
+    directions = [jnp.where(active, precond.precondition(s, g, c), g)
+                  for s, g, c in zip(groups, blocks, ctxs)]
+    out = lay.unblock([shard.gather(d) for d in directions], updates)
     out = jax.tree_util.tree_map(shard.restore, out, updates)
     out = jax.tree_util.tree_map(
-        lambda u: jnp.where(finite, u, jnp.zeros_like(u)), out)
+        lambda u: jnp.where(taken, u, jnp.zeros_like(u)), out)
     new_state = PreconditionerState(
-        count=optax.safe_int32_increment(count),
+        count=jnp.where(taken, optax.safe_int32_increment(count), count),
         groups=groups,
         preconditioned=active,
         failures=state.failures + rejected,
         skipped=state.skipped + (~finite).astype(jnp.int32),
+        overflows=state.overflows + (finite & ~stats_finite).astype(jnp.int32),
         residual=residual.astype(jnp.float32),
     )
-    return out, new_state
+    return out, keep_float_dtypes(new_state, given)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

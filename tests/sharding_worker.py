@@ -186,8 +186,8 @@ def check_zero_statistics_roots_pass_guard():
 class _FailsOnZeroStats(shampoo_lib.Shampoo):
   """Shampoo whose refresh reports an infinite residual for zero statistics."""
 
-  def refresh(self, state):
-    candidate, residual = super().refresh(state)
+  def refresh(self, state, ctx=None):
+    candidate, residual = super().refresh(state, ctx)
     zero = jnp.all(state.stats[0] == 0.0, axis=(1, 2))
     return candidate, jnp.where(zero, jnp.inf, residual)
 

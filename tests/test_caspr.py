@@ -93,7 +93,7 @@ class CasprOracle:
         if finite:
           blk["stats"] = [self.b2 * s + (1 - self.b2) * ref.mode_gram(gb, a)
                           for a, s in enumerate(blk["stats"])]
-        if due:
+        if due and finite:
           blk["roots"] = [caspr_root(s, k, self.epsilon)
                           for s in blk["stats"]]
         db = gb
@@ -102,7 +102,7 @@ class CasprOracle:
               gb.shape)
         d[blk["index"]] = db
       out[name] = d.reshape(np.shape(g))
-    self.count += 1
+    self.count += int(finite)  # a skipped step does not count
     return out
 
 
@@ -187,7 +187,7 @@ def test_sandwich_between_shampoo_and_full_matrix_adagrad(m, n, rank, steps):
     state = jax.tree_util.tree_map(lambda x: x.astype(jnp.float64),
                                    caspr.init_group((m, n), 1))
     for g in gs:
-      state = caspr.update_statistics(state, jnp.asarray(g[None]), 0)
+      state = caspr.update_statistics(state, jnp.asarray(g[None]))
     state, _ = caspr.refresh(state)
     basis = jnp.eye(m * n, dtype=jnp.float64).reshape(m * n, m, n)
     roots = tuple(jnp.broadcast_to(r, (m * n,) + r.shape[1:])

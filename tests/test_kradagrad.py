@@ -115,12 +115,13 @@ class KradOracle:
     return full, sl, piece.shape
 
   def update(self, grads):
-    s, self.count = self.count, self.count + 1
     finite = all(np.all(np.isfinite(g)) for g in grads.values())
+    s = self.count
+    self.count += int(finite)  # a skipped step does not count
     if finite:
       for (name, idx), blk in self.blocks.items():
         blk.update(self._block(grads[name], idx)[0], s)
-    if s >= self.start and (s - self.start) % self.every == 0:
+    if finite and s >= self.start and (s - self.start) % self.every == 0:
       for blk in self.blocks.values():
         blk.refresh()
     if not finite:

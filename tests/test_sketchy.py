@@ -97,6 +97,7 @@ class NumpySketchy:
             + (rho + eps) ** (-1 / p) * (np.eye(len(u)) - proj))
 
   def update(self, grads):
+    finite = all(np.all(np.isfinite(g)) for g in grads.values())
     due = (self.count >= self.start
            and (self.count - self.start) % self.every == 0)
     out = {}
@@ -110,14 +111,14 @@ class NumpySketchy:
         for i in range(gb.ndim):
           g_mat = np.moveaxis(gb, i, 0).reshape(gb.shape[i], -1)
           axes[i] = self.fd(axes[i], g_mat)
-        if due:
+        if due and finite:
           self.roots[name, idx] = [self.root(a, 2 * gb.ndim) for a in axes]
         if self.count >= self.start:
           for i, p in enumerate(self.roots[name, idx]):
             gb = np_mode(gb, p, i)
         blocks[idx] = gb
       out[name] = np_unblock(blocks, g.shape, self.bs)
-    self.count += 1
+    self.count += int(finite)  # a skipped step does not count
     return out
 
 
@@ -227,8 +228,8 @@ def state_bytes(tx, params):
              for x in jax.tree_util.tree_leaves(shapes))
 
 
-ENGINE_SCALAR_BYTES = 4 + 4 + 4 + 4 + 1  # count, failures, skipped, residual,
-                                         # preconditioned
+# count, failures, skipped, overflows, residual, preconditioned
+ENGINE_SCALAR_BYTES = 4 + 4 + 4 + 4 + 4 + 1
 
 
 def formula_bytes(params, rank, block_size):

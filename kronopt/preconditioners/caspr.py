@@ -15,8 +15,6 @@ order ``P_L⊗P_R ⪯ P_CASPR ⪯ √r S^{-1/2}`` (Shampoo below, full-matrix
 Adagrad above; ``r`` the largest gradient rank).
 """
 
-from __future__ import annotations
-
 import dataclasses
 from typing import Any, Optional
 
@@ -36,8 +34,8 @@ class Caspr(shampoo.Shampoo):
   """
   epsilon_relative_to: str = "mean"
 
-  def precondition(self, state, g):
-    axes = self.axes(g.shape[1:])
+  def precondition(self, state, g, ctx=None):
+    axes = self.axes(g.shape[1:], ctx)
     for _ in axes:
       g = kronecker_sum_average(g, dict(zip(axes, state.roots)))
     return g
@@ -61,6 +59,10 @@ def scale_by_caspr(
     inverse_failure_threshold: float = 0.1,
     newton_max_iters: int = 100,
     newton_tol: float = 1e-6,
+    qr_tolerance: float = 0.01,
+    qr_iterations: int = 1,
+    statistics_every: int = 1,
+    max_precond_dim: Optional[int] = None,
     shard_axis: Optional[Any] = None,
     mesh: Optional[Any] = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -80,12 +82,17 @@ def scale_by_caspr(
       absolute ``L + εI``.
     precondition_every: steps between root refreshes.
     start_preconditioning_step: first step preconditioned.
-    root_method: ``"eigh"`` or ``"newton"`` (coupled Newton, matmul only).
+    root_method: ``"eigh"``, ``"newton"`` (coupled Newton, matmul only) or
+      ``"qr"`` (warm-started eigenbases, see :func:`kronopt.scale_by_shampoo`).
     relative_epsilon: damping relative to the mean eigenvalue (default) or
       absolute.
     inverse_failure_threshold: largest residual a refreshed root may have.
     newton_max_iters: iteration cap of the coupled Newton method.
     newton_tol: convergence tolerance on ``max|M − I|`` for Newton.
+    qr_tolerance: see :func:`kronopt.scale_by_shampoo`.
+    qr_iterations: see :func:`kronopt.scale_by_shampoo`.
+    statistics_every: update the statistics every this many steps.
+    max_precond_dim: dimensions larger than this get no factor.
     shard_axis: mesh axis name (or tuple) to shard the stacked blocks over;
       ``None`` does not shard (see :mod:`kronopt.sharding`).
     mesh: the ``jax.sharding.Mesh``; ``None`` uses the ambient mesh.
@@ -97,13 +104,17 @@ def scale_by_caspr(
   shampoo.check_root_args(b2=b2, epsilon=epsilon, exponent=None,
                           root_method=root_method,
                           newton_max_iters=newton_max_iters,
-                          newton_tol=newton_tol)
+                          newton_tol=newton_tol, qr_tolerance=qr_tolerance,
+                          qr_iterations=qr_iterations)
   precond = Caspr(
       b2=b2, epsilon=epsilon, relative_epsilon=relative_epsilon,
       root_method=root_method, newton_max_iters=newton_max_iters,
-      newton_tol=newton_tol)
+      newton_tol=newton_tol, qr_tolerance=qr_tolerance,
+      qr_iterations=qr_iterations, qr_fallback=inverse_failure_threshold)
   return engine.preconditioner_transform(
-      precond, block_size=block_size, precondition_every=precondition_every,
+      precond, block_size=block_size, max_precond_dim=max_precond_dim,
+      statistics_every=statistics_every,
+      precondition_every=precondition_every,
       start_preconditioning_step=start_preconditioning_step,
       inverse_failure_threshold=inverse_failure_threshold,
       shard_axis=shard_axis, mesh=mesh)

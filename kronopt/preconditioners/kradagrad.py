@@ -42,8 +42,6 @@ overflows float32 after about ``ln(3·10³⁸ ε)/(−ln β₂)`` steps; ``β₂
 (AdaGrad, the paper's choice) is the default.
 """
 
-from __future__ import annotations
-
 import dataclasses
 from typing import Any, NamedTuple, Optional
 
@@ -55,6 +53,7 @@ from kronopt import checks
 from kronopt import engine
 from kronopt.linalg import kronecker
 from kronopt.linalg import roots as roots_lib
+from kronopt.preconditioners import shampoo
 
 VARIANTS = ("star", "single_axis")
 ROOT_DAMPING = 1e-8  # added to X before its positive root (ALGORITHMS §2)
@@ -150,32 +149,39 @@ class Kradagrad:
     """``1/(2k)`` for KrADagrad★ (Shampoo's exponent), ``1/2`` otherwise."""
     return 1.0 / (2 * order) if self.variant == "star" else 0.5
 
-  def init_group(self, block_shape, n):
+  def init_group(self, block_shape, n, axes=None):
+    axes = shampoo.preconditioned_axes(block_shape, False, axes)
     scale = 1.0 / self.epsilon if self.variant == "star" else 1.0
-    eyes = [jnp.broadcast_to(jnp.eye(d, dtype=jnp.float32), (n, d, d))
-            for d in block_shape]
+    eyes = [jnp.broadcast_to(jnp.eye(block_shape[i], dtype=jnp.float32),
+                             (n, block_shape[i], block_shape[i]))
+            for i in axes]
     return KradagradGroupState(inverses=tuple(scale * e for e in eyes),
                                roots=tuple(eyes))
 
-  def update_statistics(self, state, g, count):
+  def update_statistics(self, state, g, ctx=None):
+    axes = shampoo.context_axes(ctx, g.shape[1:])
     if self.variant == "star":
       inverses = tuple(
           star_step(x, kronecker.mode_gram(g, i), self.b2)
-          for i, x in enumerate(state.inverses))
+          for i, x in zip(axes, state.inverses))
       return state._replace(inverses=inverses)
-    axis = single_axis_schedule(count, g.shape[1:])
-    branches = [lambda st, i=i: self._single_axis_update(st, g, i)
-                for i in range(len(state.inverses))]
-    return jax.lax.switch(axis, branches, state)
+    count = 0 if ctx is None else ctx.count
+    chosen = single_axis_schedule(count, [g.shape[1 + i] for i in axes])
+    branches = [lambda st, k=k: self._single_axis_update(st, g, axes, k)
+                for k in range(len(state.inverses))]
+    return jax.lax.switch(chosen, branches, state)
 
-  def _single_axis_update(self, state, g, axis):
-    others = {j: p for j, p in enumerate(state.roots) if j != axis}
-    m = kronecker.mode_gram(kronecker.kron_apply(g, others), axis)
-    x = single_axis_step(state.inverses[axis], m, self.b2, self.epsilon)
-    inverses = state.inverses[:axis] + (x,) + state.inverses[axis + 1:]
+  def _single_axis_update(self, state, g, axes, k):
+    """Updates ``X`` of ``axes[k]``, the others' roots applied to ``g``."""
+    others = {a: p for j, (a, p) in enumerate(zip(axes, state.roots))
+              if j != k}
+    m = kronecker.mode_gram(kronecker.kron_apply(g, others), axes[k])
+    x = single_axis_step(state.inverses[k], m, self.b2, self.epsilon)
+    inverses = state.inverses[:k] + (x,) + state.inverses[k + 1:]
     return state._replace(inverses=inverses)
 
-  def refresh(self, state):
+  def refresh(self, state, ctx=None):
+    del ctx
     power = self.root_power(len(state.inverses))
     results = [roots_lib.matrix_power_eigh(
         x, power, epsilon=ROOT_DAMPING, relative_epsilon=False)
@@ -184,8 +190,9 @@ class Kradagrad:
     residual = jnp.max(jnp.stack([r[3] for r in results]), axis=0)
     return state._replace(roots=new_roots), residual
 
-  def precondition(self, state, g):
-    return kronecker.kron_apply(g, dict(enumerate(state.roots)))
+  def precondition(self, state, g, ctx=None):
+    axes = shampoo.context_axes(ctx, g.shape[1:])
+    return kronecker.kron_apply(g, dict(zip(axes, state.roots)))
 
 
 def scale_by_kradagrad(
@@ -197,6 +204,8 @@ def scale_by_kradagrad(
     precondition_every: int = 10,
     start_preconditioning_step: int = 10,
     inverse_failure_threshold: float = 0.1,
+    statistics_every: int = 1,
+    max_precond_dim: Optional[int] = None,
     shard_axis: Optional[Any] = None,
     mesh: Optional[Any] = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -220,6 +229,8 @@ def scale_by_kradagrad(
     start_preconditioning_step: first step preconditioned.
     inverse_failure_threshold: largest eigh reconstruction error (relative to
       λ_max) a refreshed root may have.
+    statistics_every: update the inverse statistics every this many steps.
+    max_precond_dim: dimensions larger than this get no factor.
     shard_axis: mesh axis name (or tuple) to shard the stacked blocks over;
       ``None`` does not shard (see :mod:`kronopt.sharding`).
     mesh: the ``jax.sharding.Mesh``; ``None`` uses the ambient mesh.
@@ -240,7 +251,9 @@ def scale_by_kradagrad(
     checks.check_number("epsilon", epsilon, low=0.0, high=1.0, high_open=True)
   precond = Kradagrad(variant=variant, b2=b2, epsilon=epsilon)
   return engine.preconditioner_transform(
-      precond, block_size=block_size, precondition_every=precondition_every,
+      precond, block_size=block_size, max_precond_dim=max_precond_dim,
+      statistics_every=statistics_every,
+      precondition_every=precondition_every,
       start_preconditioning_step=start_preconditioning_step,
       inverse_failure_threshold=inverse_failure_threshold,
       shard_axis=shard_axis, mesh=mesh)

@@ -19,8 +19,6 @@ their current normalised statistics ``L̄_j = d_j L_j / tr(L_j)`` (``I`` while
 ``R ← β₂ R + (1−β₂) Gᵀ L̄ G``.
 """
 
-from __future__ import annotations
-
 import dataclasses
 from typing import Any, NamedTuple, Optional
 
@@ -40,9 +38,12 @@ class ShampooGroupState(NamedTuple):
   Attributes:
     stats: tuple of ``[N, d_i, d_i]`` statistics ``L_i``.
     roots: tuple of ``[N, d_i, d_i]`` inverse roots ``P_i``.
+    bases: with ``root_method="qr"``, tuple of ``[N, d_i, d_i]`` eigenbases
+      of ``L_i`` kept between refreshes; else ``()``.
   """
   stats: tuple
   roots: tuple
+  bases: tuple = ()
 
 
 def statistics_weight(b2):
@@ -50,11 +51,20 @@ def statistics_weight(b2):
   return jnp.where(b2 == 1.0, 1.0, 1.0 - b2)
 
 
-def preconditioned_axes(block_shape, one_sided: bool) -> tuple[int, ...]:
-  """All axes of a block, or only its smallest one (``one_sided``)."""
+def preconditioned_axes(block_shape, one_sided: bool, axes=None
+                        ) -> tuple[int, ...]:
+  """The eligible ``axes`` of a block (default all), or only the smallest of
+  them (``one_sided``)."""
+  axes = tuple(range(len(block_shape))) if axes is None else tuple(axes)
   if not one_sided:
-    return tuple(range(len(block_shape)))
-  return (min(range(len(block_shape)), key=lambda i: block_shape[i]),)
+    return axes
+  return (min(axes, key=lambda i: block_shape[i]),)
+
+
+def context_axes(ctx, block_shape) -> tuple[int, ...]:
+  """The eligible axes a :class:`kronopt.engine.GroupContext` names, or all
+  axes without one (an algorithm used outside the engine)."""
+  return tuple(range(len(block_shape))) if ctx is None else ctx.axes
 
 
 def default_exponent(num_axes: int) -> float:
@@ -88,9 +98,13 @@ class Shampoo:
   exponent_multiplier: Any = 1.0
   kronecker_power_iterations: bool = False
   epsilon_relative_to: str = "max"
+  qr_tolerance: Any = 0.01
+  qr_iterations: Any = 1
+  qr_fallback: Any = 0.1
 
-  def axes(self, block_shape):
-    return preconditioned_axes(block_shape, self.one_sided)
+  def axes(self, block_shape, ctx=None):
+    return preconditioned_axes(block_shape, self.one_sided,
+                               context_axes(ctx, block_shape))
 
   def power(self, num_axes: int) -> Any:
     """``p`` of the root ``L^{-1/p}``."""
@@ -98,32 +112,35 @@ class Shampoo:
                 if self.exponent is None else self.exponent)
     return -1.0 / exponent
 
-  def init_group(self, block_shape, n):
-    axes = self.axes(block_shape)
+  def init_group(self, block_shape, n, axes=None):
+    axes = preconditioned_axes(block_shape, self.one_sided, axes)
     dims = [block_shape[i] for i in axes]
     zeros = tuple(jnp.zeros((n, d, d), jnp.float32) for d in dims)
     eyes = tuple(jnp.broadcast_to(jnp.eye(d, dtype=jnp.float32), (n, d, d))
                  for d in dims)
-    return ShampooGroupState(stats=zeros, roots=eyes)
+    bases = eyes if self.root_method == "qr" else ()
+    return ShampooGroupState(stats=zeros, roots=eyes, bases=bases)
 
-  def update_statistics(self, state, g, count):
-    del count
+  def update_statistics(self, state, g, ctx=None):
     w = statistics_weight(self.b2)
     stats = tuple(self.b2 * s + w * m
-                  for s, m in zip(state.stats, self.grams(state, g)))
+                  for s, m in zip(state.stats, self.grams(state, g, ctx)))
     return state._replace(stats=stats)
 
-  def grams(self, state, g):
+  def grams(self, state, g, ctx=None):
     """Per preconditioned axis, the outer product added to its statistic."""
-    axes = self.axes(g.shape[1:])
+    axes = self.axes(g.shape[1:], ctx)
     if not self.kronecker_power_iterations:
       return [kronecker.mode_gram(g, axis) for axis in axes]
     weights = dict(zip(axes, map(normalized_statistic, state.stats)))
     return [roots_lib.symmetrize(kronecker.weighted_mode_gram(g, axis, weights))
             for axis in axes]
 
-  def refresh(self, state):
+  def refresh(self, state, ctx=None):
+    del ctx
     p = self.power(len(state.stats))
+    if self.root_method == "qr":
+      return self._refresh_qr(state, p)
     if self.root_method == "newton":
       p = int(round(p))
     results = [roots_lib.inverse_root(
@@ -135,21 +152,34 @@ class Shampoo:
     residual = jnp.max(jnp.stack([res for _, res in results]), axis=0)
     return state._replace(roots=new_roots), residual
 
+  def _refresh_qr(self, state, p):
+    """Roots from the warm-started eigenbases (docs/algorithms.md §0)."""
+    results = [roots_lib.inverse_root_qr(
+        s, q, p, epsilon=self.epsilon, relative_epsilon=self.relative_epsilon,
+        relative_to=self.epsilon_relative_to, tolerance=self.qr_tolerance,
+        iterations=self.qr_iterations, fallback=self.qr_fallback)
+               for s, q in zip(state.stats, state.bases)]
+    residual = jnp.max(jnp.stack([r[2] for r in results]), axis=0)
+    return state._replace(roots=tuple(r[0] for r in results),
+                          bases=tuple(r[1] for r in results)), residual
+
   def _newton_kwargs(self):
     if self.root_method != "newton":
       return {}
     return dict(max_iters=self.newton_max_iters, tol=self.newton_tol)
 
-  def precondition(self, state, g):
+  def precondition(self, state, g, ctx=None):
     return kronecker.kron_apply(
-        g, dict(zip(self.axes(g.shape[1:]), state.roots)))
+        g, dict(zip(self.axes(g.shape[1:], ctx), state.roots)))
 
 
 def check_root_args(*, b2, epsilon, exponent, root_method, newton_max_iters,
-                    newton_tol):
+                    newton_tol, qr_tolerance=0.01, qr_iterations=1):
   """Validation shared by the Shampoo-family transforms."""
   checks.check_int("newton_max_iters", newton_max_iters, low=1)
   checks.check_number("newton_tol", newton_tol, low=0.0, low_open=True)
+  checks.check_number("qr_tolerance", qr_tolerance, low=0.0, high=1.0)
+  checks.check_int("qr_iterations", qr_iterations, low=1, high=100)
   checks.check_number("b2", b2, low=0.0, high=1.0, low_open=True)
   checks.check_number("epsilon", epsilon, low=0.0)
   checks.check_number("exponent", exponent, low=-1.0, high=0.0,
@@ -163,7 +193,7 @@ def check_root_args(*, b2, epsilon, exponent, root_method, newton_max_iters,
           "an integer p; use root_method='eigh' for other exponents.")
 
 
-ROOT_METHODS = ("eigh", "newton")
+ROOT_METHODS = ("eigh", "newton", "qr")
 
 
 def check_power_args(*, exponent, exponent_multiplier,
@@ -205,6 +235,10 @@ def scale_by_shampoo(
     newton_tol: float = 1e-6,
     exponent_multiplier: float = 1.0,
     kronecker_power_iterations: bool = False,
+    qr_tolerance: float = 0.01,
+    qr_iterations: int = 1,
+    statistics_every: int = 1,
+    max_precond_dim: Optional[int] = None,
     shard_axis: Optional[Any] = None,
     mesh: Optional[Any] = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -223,7 +257,10 @@ def scale_by_shampoo(
       ``k`` preconditioned axes.
     precondition_every: steps between root refreshes.
     start_preconditioning_step: first step preconditioned.
-    root_method: ``"eigh"`` or ``"newton"`` (coupled Newton, matmul only).
+    root_method: ``"eigh"``, ``"newton"`` (coupled Newton, matmul only) or
+      ``"qr"`` (warm-started eigenbases: power + QR steps from the previous
+      basis, eigh on the first refresh or when the basis is too far off;
+      docs/algorithms.md §0).
     one_sided: precondition only the smallest axis of each block.
     relative_epsilon: damping relative to λ_max (default) or absolute.
     inverse_failure_threshold: largest residual a refreshed root may have.
@@ -235,6 +272,15 @@ def scale_by_shampoo(
       modes weighted by their normalised statistics (an online power
       iteration towards the optimal Kronecker approximation, ALGORITHMS §3),
       ``L ← β₂ L + (1−β₂) G R̄ Gᵀ``; the first step equals Shampoo's.
+    qr_tolerance: with ``root_method="qr"``, the relative off-diagonal mass
+      of ``QᵀLQ`` below which the basis is kept without a QR step.
+    qr_iterations: with ``root_method="qr"``, the most power + QR steps per
+      refresh; a basis still off by more than ``inverse_failure_threshold``
+      after them is replaced by an eigh.
+    statistics_every: update the statistics every this many steps (as
+      distributed Shampoo's ``statistics_compute_steps``).
+    max_precond_dim: dimensions larger than this get no factor (e.g. the
+      vocabulary axis of an embedding); ``None`` preconditions all.
     shard_axis: mesh axis name (or tuple) to shard the stacked blocks over;
       ``None`` does not shard (see :mod:`kronopt.sharding`).
     mesh: the ``jax.sharding.Mesh``; ``None`` uses the ambient mesh.
@@ -245,7 +291,8 @@ def scale_by_shampoo(
   """
   check_root_args(b2=b2, epsilon=epsilon, exponent=exponent,
                   root_method=root_method, newton_max_iters=newton_max_iters,
-                  newton_tol=newton_tol)
+                  newton_tol=newton_tol, qr_tolerance=qr_tolerance,
+                  qr_iterations=qr_iterations)
   check_power_args(exponent=exponent, exponent_multiplier=exponent_multiplier,
                    kronecker_power_iterations=kronecker_power_iterations,
                    root_method=root_method)
@@ -254,9 +301,13 @@ def scale_by_shampoo(
       relative_epsilon=relative_epsilon, root_method=root_method,
       one_sided=one_sided, newton_max_iters=newton_max_iters,
       newton_tol=newton_tol, exponent_multiplier=exponent_multiplier,
-      kronecker_power_iterations=kronecker_power_iterations)
+      kronecker_power_iterations=kronecker_power_iterations,
+      qr_tolerance=qr_tolerance, qr_iterations=qr_iterations,
+      qr_fallback=inverse_failure_threshold)
   return engine.preconditioner_transform(
-      precond, block_size=block_size, precondition_every=precondition_every,
+      precond, block_size=block_size, max_precond_dim=max_precond_dim,
+      precondition_every=precondition_every,
+      statistics_every=statistics_every,
       start_preconditioning_step=start_preconditioning_step,
       inverse_failure_threshold=inverse_failure_threshold,
       shard_axis=shard_axis, mesh=mesh)

@@ -21,8 +21,6 @@ and Sketchy's direction is Shampoo's times the constant ``(1−β₂)^{1/2}``,
 which grafting removes.
 """
 
-from __future__ import annotations
-
 import dataclasses
 from typing import Any, NamedTuple, Optional
 
@@ -32,6 +30,7 @@ import optax
 from kronopt import checks
 from kronopt import engine
 from kronopt.linalg import sketch as sketch_lib
+from kronopt.preconditioners import shampoo
 
 
 class SketchyGroupState(NamedTuple):
@@ -62,21 +61,24 @@ class Sketchy:
   epsilon: Any = 1e-6
   relative_epsilon: Any = True
 
-  def init_group(self, block_shape, n):
-    ranks = [min(self.rank, d) for d in block_shape]
+  def init_group(self, block_shape, n, axes=None):
+    axes = shampoo.preconditioned_axes(block_shape, False, axes)
+    dims = [block_shape[i] for i in axes]
+    ranks = [min(self.rank, d) for d in dims]
     return SketchyGroupState(
         sketches=tuple(sketch_lib.init_sketch(n, d, k)
-                       for d, k in zip(block_shape, ranks)),
+                       for d, k in zip(dims, ranks)),
         roots=tuple(sketch_lib.init_root(n, d, k)
-                    for d, k in zip(block_shape, ranks)))
+                    for d, k in zip(dims, ranks)))
 
-  def update_statistics(self, state, g, count):
-    del count
+  def update_statistics(self, state, g, ctx=None):
+    axes = shampoo.context_axes(ctx, g.shape[1:])
     sketches = tuple(sketch_lib.fd_update(s, unfold(g, axis), self.b2)
-                     for axis, s in enumerate(state.sketches))
+                     for axis, s in zip(axes, state.sketches))
     return state._replace(sketches=sketches)
 
-  def refresh(self, state):
+  def refresh(self, state, ctx=None):
+    del ctx
     p = 2 * len(state.sketches)
     results = [sketch_lib.inverse_root(
         s, p, epsilon=self.epsilon, relative_epsilon=self.relative_epsilon)
@@ -84,8 +86,9 @@ class Sketchy:
     residual = jnp.max(jnp.stack([res for _, res in results]), axis=0)
     return state._replace(roots=tuple(r for r, _ in results)), residual
 
-  def precondition(self, state, g):
-    for axis, root in enumerate(state.roots):
+  def precondition(self, state, g, ctx=None):
+    axes = shampoo.context_axes(ctx, g.shape[1:])
+    for axis, root in zip(axes, state.roots):
       g = sketch_lib.apply_root(root, g, axis)
     return g
 
@@ -100,6 +103,8 @@ def scale_by_sketchy(
     start_preconditioning_step: int = 10,
     relative_epsilon: bool = True,
     inverse_failure_threshold: float = 0.1,
+    statistics_every: int = 1,
+    max_precond_dim: Optional[int] = None,
     shard_axis: Optional[Any] = None,
     mesh: Optional[Any] = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -129,6 +134,8 @@ def scale_by_sketchy(
       or absolute.
     inverse_failure_threshold: largest loss of orthonormality ``max|UᵀU − I|``
       a refreshed root basis may have.
+    statistics_every: update the sketches every this many steps.
+    max_precond_dim: dimensions larger than this get no sketch.
     shard_axis: mesh axis name (or tuple) to shard the stacked blocks over;
       ``None`` does not shard (see :mod:`kronopt.sharding`).
     mesh: the ``jax.sharding.Mesh``; ``None`` uses the ambient mesh.
@@ -140,13 +147,15 @@ def scale_by_sketchy(
   Raises:
     ValueError: for an argument out of its valid range.
   """
-  checks.check_int("rank", rank, low=1)
+  checks.check_int("rank", rank, low=1, static=True)
   checks.check_number("b2", b2, low=0.0, high=1.0, low_open=True)
   checks.check_number("epsilon", epsilon, low=0.0)
   precond = Sketchy(rank=rank, b2=b2, epsilon=epsilon,
                     relative_epsilon=relative_epsilon)
   return engine.preconditioner_transform(
-      precond, block_size=block_size, precondition_every=precondition_every,
+      precond, block_size=block_size, max_precond_dim=max_precond_dim,
+      statistics_every=statistics_every,
+      precondition_every=precondition_every,
       start_preconditioning_step=start_preconditioning_step,
       inverse_failure_threshold=inverse_failure_threshold,
       shard_axis=shard_axis, mesh=mesh)
