@@ -1,12 +1,12 @@
 """kronopt: Kronecker-factored preconditioned optimizers for JAX and Optax."""
 
 from kronopt.diagnostics import diagnostics
+from kronopt.engine import GroupContext
 from kronopt.engine import PreconditionerState
 from kronopt.grafting import GraftState
 from kronopt.grafting import graft
 from kronopt.layout import make_layout
 from kronopt.optimizers import caspr
-from kronopt.optimizers import ema_momentum
 from kronopt.optimizers import kradagrad
 from kronopt.optimizers import shampoo
 from kronopt.optimizers import shampoo2
@@ -24,13 +24,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "GraftState",
+    "GroupContext",
     "KradagradGroupState",
     "PreconditionerState",
     "ShampooGroupState",
     "SketchyGroupState",
     "caspr",
     "diagnostics",
-    "ema_momentum",
     "graft",
     "kradagrad",
     "make_layout",

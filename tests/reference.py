@@ -17,8 +17,9 @@ Conventions:
   is finite); at ``t >= start`` with ``(t - start) % every == 0`` the root
   ``P_i = L_i^(-1/p)`` is refreshed by a float64 eigendecomposition (a
   non-finite root is rejected and the previous one kept); the direction is
-  ``G`` multiplied along every preconditioned mode by ``P_i`` (``G`` itself
-  before ``start``; zero for a non-finite step).
+  ``G`` (or the tensor given to precondition) multiplied along every
+  preconditioned mode by ``P_i`` (itself before ``start``; zero for a
+  non-finite step, which does not advance the step count ``t``).
 """
 
 from __future__ import annotations
@@ -190,7 +191,10 @@ class ShampooOracle:
     """Whether the step about to be taken uses the preconditioner."""
     return self.count >= self.start
 
-  def update(self, grads: dict) -> dict:
+  def update(self, grads: dict, inputs: Optional[dict] = None) -> dict:
+    """Statistics from ``grads``; the roots applied to ``inputs`` (default
+    ``grads``)."""
+    inputs = grads if inputs is None else inputs
     t = self.count
     finite = all_finite(grads)
     w = 1.0 if self.b2 == 1.0 else 1.0 - self.b2
@@ -198,58 +202,75 @@ class ShampooOracle:
     out = {}
     for name, g in grads.items():
       g = np.asarray(g, np.float64)
+      x = np.asarray(inputs[name], np.float64)
       merged = self.layout[name]
       if merged is None:
-        out[name] = g.copy() if finite else np.zeros_like(g)
+        out[name] = x.copy() if finite else np.zeros_like(x)
         continue
-      gm = g.reshape(merged)
+      gm, xm = g.reshape(merged), x.reshape(merged)
       d = np.zeros_like(gm)
       for blk in self.blocks[name]:
         gb = gm[blk["index"]] if finite else np.zeros_like(gm[blk["index"]])
+        xb = xm[blk["index"]] if finite else np.zeros_like(xm[blk["index"]])
         if finite:
           blk["stats"] = [self.b2 * s + w * mode_gram(gb, a)
                           for s, a in zip(blk["stats"], blk["axes"])]
-        if due:
+        if due and finite:
           p = self.power(len(blk["axes"]))
           new = [inverse_root(s, p, self.epsilon, self.relative_epsilon)
                  for s in blk["stats"]]
           if all(np.all(np.isfinite(r)) for r in new):  # the refresh guard
             blk["roots"] = new
-        db = gb
+        db = xb
         if t >= self.start:
           for r, a in zip(blk["roots"], blk["axes"]):
             db = mode_product(db, r, a)
         d[blk["index"]] = db
       out[name] = d.reshape(g.shape)
-    self.count += 1
+    self.count += int(finite)
     return out
 
 
 # -------------------------------------------------------------------- adam --
 
 class AdamOracle:
-  """Bias-corrected Adam (optax.scale_by_adam, eps_root = 0), float64."""
+  """Bias-corrected Adam (optax.scale_by_adam, eps_root = 0), float64.
 
-  def __init__(self, params: dict, b1=0.9, b2=0.999, eps=1e-8):
-    self.b1, self.b2, self.eps = b1, b2, eps
+  :meth:`moments` gives the filtered gradient ``m̂`` (Nesterov as optax's)
+  and Adam's step ``m̂/(√v̂+ε)``; a non-finite step changes nothing.
+  """
+
+  def __init__(self, params: dict, b1=0.9, b2=0.999, eps=1e-8,
+               nesterov=False):
+    self.b1, self.b2, self.eps, self.nesterov = b1, b2, eps, nesterov
     self.m = {k: np.zeros(np.shape(v)) for k, v in params.items()}
     self.v = {k: np.zeros(np.shape(v)) for k, v in params.items()}
     self.count = 0
 
-  def update(self, grads: dict) -> dict:
-    """Adam's update; the state is left untouched by a non-finite step."""
+  def moments(self, grads: dict) -> tuple[dict, dict]:
+    """``(m̂, m̂/(√v̂+ε))`` per leaf (zeros for a non-finite step)."""
     if not all_finite(grads):
-      return {k: np.zeros(np.shape(g)) for k, g in grads.items()}
+      zeros = {k: np.zeros(np.shape(g)) for k, g in grads.items()}
+      return zeros, dict(zeros)
     self.count += 1
-    out = {}
+    t, b1 = self.count, self.b1
+    m_hat, out = {}, {}
     for k, g in grads.items():
       g = np.asarray(g, np.float64)
-      self.m[k] = self.b1 * self.m[k] + (1 - self.b1) * g
+      self.m[k] = b1 * self.m[k] + (1 - b1) * g
       self.v[k] = self.b2 * self.v[k] + (1 - self.b2) * g * g
-      m_hat = self.m[k] / (1 - self.b1 ** self.count)
-      v_hat = self.v[k] / (1 - self.b2 ** self.count)
-      out[k] = m_hat / (np.sqrt(v_hat) + self.eps)
-    return out
+      if self.nesterov:
+        m_hat[k] = (b1 * self.m[k] / (1 - b1 ** (t + 1))
+                    + (1 - b1) * g / (1 - b1 ** t))
+      else:
+        m_hat[k] = self.m[k] / (1 - b1 ** t)
+      v_hat = self.v[k] / (1 - self.b2 ** t)
+      out[k] = m_hat[k] / (np.sqrt(v_hat) + self.eps)
+    return m_hat, out
+
+  def update(self, grads: dict) -> dict:
+    """Adam's update; the state is left untouched by a non-finite step."""
+    return self.moments(grads)[1]
 
 
 def graft_update(direction: dict, magnitude: dict, preconditioned: dict,
@@ -268,45 +289,41 @@ def graft_update(direction: dict, magnitude: dict, preconditioned: dict,
 
 
 class ShampooChainOracle:
-  """kronopt.shampoo: graft(adam|sgd) -> EMA momentum -> weight decay -> -lr.
+  """kronopt.shampoo with one momentum (docs/algorithms.md §0).
 
-  The graft's Adam has its own ``graft_b1`` (0.9), ``graft_b2`` (0.999) and
-  ``graft_eps``; ``b1`` is the momentum after grafting, ``b2`` Shampoo's.
+  ``m̂`` = Adam's bias-corrected first moment of the gradient (``b1``,
+  Nesterov as optax); Shampoo's statistics from the raw gradient, its roots
+  applied to ``m̂``; grafted per parameter onto ``m̂/(√v̂+ε)`` (adam, with
+  ``graft_b2``, ``graft_eps``) or onto ``m̂`` (sgd); then ``+ wd·params``
+  and ``−lr``. Rank ≤ 1 parameters and steps before the start take the
+  graft's own step: exactly AdamW. A non-finite step is a zero update.
   """
 
   def __init__(self, params: dict, *, learning_rate, b1=0.9, b2=0.999,
                epsilon=1e-6, weight_decay=0.0, nesterov=True,
-               graft_type="adam", graft_b1=0.9, graft_b2=0.999,
-               graft_eps=1e-8, **shampoo_kwargs):
+               graft_type="adam", graft_b2=0.999, graft_eps=1e-8,
+               **shampoo_kwargs):
     self.lr = learning_rate
-    self.b1 = b1
     self.wd = weight_decay
-    self.nesterov = nesterov
     self.shampoo = ShampooOracle(params, b2=b2, epsilon=epsilon,
                                  **shampoo_kwargs)
     if graft_type not in ("adam", "sgd"):
       raise ValueError(f"graft_type={graft_type!r}: the oracle has adam, sgd")
     self.graft_type = graft_type
-    self.adam = AdamOracle(params, b1=graft_b1, b2=graft_b2, eps=graft_eps)
-    self.momentum = {k: np.zeros(np.shape(v)) for k, v in params.items()}
+    self.adam = AdamOracle(params, b1=b1, b2=graft_b2, eps=graft_eps,
+                           nesterov=nesterov)
 
   def update(self, grads: dict, params: dict) -> dict:
     finite = all_finite(grads)
     active = self.shampoo.active
-    d = self.shampoo.update(grads)
-    if self.graft_type == "adam":
-      ug = self.adam.update(grads)
-    else:  # sgd: the gradient's own norm
-      ug = {k: np.asarray(g, np.float64) if finite else np.zeros(np.shape(g))
-            for k, g in grads.items()}
+    m_hat, adam_step = self.adam.moments(grads)
+    d = self.shampoo.update(grads, m_hat)
+    ug = adam_step if self.graft_type == "adam" else m_hat
     pre = {k: self.shampoo.is_preconditioned(k) for k in grads}
     u = graft_update(d, ug, pre, active, finite)
     out = {}
     for k in u:
-      self.momentum[k] = self.b1 * self.momentum[k] + (1 - self.b1) * u[k]
-      v = (self.b1 * self.momentum[k] + (1 - self.b1) * u[k]
-           if self.nesterov else self.momentum[k])
-      v = v + self.wd * np.asarray(params[k], np.float64)
+      v = u[k] + self.wd * np.asarray(params[k], np.float64) if finite else u[k]
       out[k] = -self.lr * v
     return out
 
