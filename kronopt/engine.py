@@ -23,7 +23,10 @@ is a small object with four methods over one group:
   steps (``g`` is the blocked statistics gradient);
 * ``refresh(state, ctx)`` → ``(candidate_state, residual[n])``, the expensive
   part (matrix roots, bases), every ``precondition_every`` steps;
-* ``precondition(state, g, ctx)`` → the direction ``D`` (``[N, *block]``).
+* ``precondition(state, g, ctx)`` → the direction ``D`` (``[N, *block]``),
+  after the refresh (or before it, for an algorithm whose attribute
+  ``refresh_after_precondition`` is True: SOAP's step uses the bases of the
+  previous refresh, as its authors' code does).
 
 ``ctx`` is a :class:`GroupContext`: the step count, each block's global index
 (randomness is ``fold_in(fold_in(key(seed), count), index)``), the real
@@ -412,6 +415,7 @@ def preconditioner_transform(
                       low=0.0, low_open=True)
   sharding_lib.check_shard_axis(shard_axis, mesh)
   shard = sharding_lib.BlockSharding(shard_axis, mesh)
+  refresh_last = getattr(precond, "refresh_after_precondition", False)
 
   def init_groups(lay):
     return tuple(
@@ -490,6 +494,13 @@ def preconditioner_transform(
     active = count >= start_preconditioning_step
     due = taken & active & ((count - start_preconditioning_step)
                             % precondition_every == 0)
+
+    def apply(gs):
+      return [jnp.where(active, precond.precondition(s, g, c), g)
+              for s, g, c in zip(gs, blocks, ctxs)]
+
+    if refresh_last:
+      directions = apply(groups)
     groups, rejected, residual = jax.lax.cond(
         due,
         lambda gs: guarded_refresh(
@@ -499,9 +510,8 @@ def preconditioner_transform(
                     state.residual.astype(jnp.float32)),
         groups)
     groups = constrain_groups(groups)
-
-    directions = [jnp.where(active, precond.precondition(s, g, c), g)
-                  for s, g, c in zip(groups, blocks, ctxs)]
+    if not refresh_last:
+      directions = apply(groups)
     out = lay.unblock([shard.gather(d) for d in directions], updates)
     out = jax.tree_util.tree_map(shard.restore, out, updates)
     out = jax.tree_util.tree_map(
