@@ -24,20 +24,27 @@ PACKAGES = ("jax", "jaxlib", "optax", "flax", "kronopt", "numpy")
 PLOTS = ("loss_vs_steps.png", "loss_vs_time.png")
 
 
-def versions() -> dict[str, Optional[str]]:
-  """The installed versions of :data:`PACKAGES`, and kronopt's git commit."""
-  out = {}
+def _git(*args: str) -> Optional[str]:
+  try:
+    return subprocess.run(["git", *args], capture_output=True, text=True,
+                          check=True,
+                          cwd=os.path.dirname(__file__)).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return None
+
+
+def versions() -> dict[str, Any]:
+  """The installed versions of :data:`PACKAGES`; the checkout's git commit
+  and whether tracked files differ from it (``None`` outside a checkout)."""
+  out: dict[str, Any] = {}
   for name in PACKAGES:
     try:
       out[name] = importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
       out[name] = None
-  try:
-    out["kronopt_commit"] = subprocess.run(
-        ["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-        check=True, cwd=os.path.dirname(__file__)).stdout.strip()
-  except (OSError, subprocess.CalledProcessError):
-    out["kronopt_commit"] = None
+  out["git_commit"] = _git("rev-parse", "HEAD")
+  status = _git("status", "--porcelain", "--untracked-files=no")
+  out["git_dirty"] = None if status is None else bool(status)
   return out
 
 
