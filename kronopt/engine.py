@@ -229,26 +229,64 @@ def _block_ok(candidate, residual, threshold):
   return ok
 
 
+def refresh_chunk(refresh, state, ctx: GroupContext, phase, chunks: int):
+  """``refresh`` of the ``phase``-th of ``chunks`` contiguous block chunks.
+
+  The ``n`` blocks are cut into chunks of ``c = ⌈n/chunks⌉``; the chunk is
+  refreshed (``lax.dynamic_slice``, so the cost is ``c`` blocks), every other
+  block comes back as it was with residual 0. A phase past the last chunk
+  refreshes nothing. Returns ``(candidate, residual)`` for all ``n`` blocks.
+  """
+  n = ctx.index.shape[0]
+  c = -(-n // chunks)
+  lo = phase * c
+  start = jnp.clip(lo, 0, n - c)
+  take = lambda x: jax.lax.dynamic_slice_in_dim(x, start, c, axis=0)
+  sub_state = jax.tree_util.tree_map(take, state)
+  sub_ctx = ctx._replace(index=take(ctx.index),
+                         real=jax.tree_util.tree_map(take, ctx.real),
+                         aux=jax.tree_util.tree_map(take, ctx.aux))
+  no_change = (state, jnp.zeros([n], jnp.float32))
+
+  def run(_):
+    candidate, residual = refresh(sub_state, sub_ctx)
+    pos = start + jnp.arange(c)
+    mine = (pos >= lo) & (pos < lo + c)
+    candidate = tree_select(mine, candidate, sub_state)
+    residual = jnp.where(mine, residual, 0.0).astype(jnp.float32)
+    put = lambda full, part: jax.lax.dynamic_update_slice_in_dim(
+        full, part.astype(full.dtype), start, axis=0)
+    return (jax.tree_util.tree_map(put, state, candidate),
+            put(no_change[1], residual))
+
+  return jax.lax.cond(lo < n, run, lambda _: no_change, None)
+
+
 def refresh_per_shard(precond: Preconditioner, shard, state,
-                      ctx: GroupContext):
+                      ctx: GroupContext, phase=None, chunks: int = 1):
   """``precond.refresh`` run by each device on its own blocks only.
 
   The block axis ``N`` (sharded over ``shard.size()`` devices) is split into
   ``[size, N/size]`` and the refresh is vmapped over the sharded axis, so each
   device decomposes its ``N/size`` blocks; the CPU path of
   :mod:`kronopt.linalg.lapack`, which loops over the unsharded axis, then
-  stays local too.
+  stays local too. With ``chunks > 1`` (the staggered refresh) each device
+  refreshes only the ``phase``-th chunk of its blocks
+  (:func:`refresh_chunk`).
   """
   size = shard.size()
+  local = precond.refresh
+  if chunks > 1:
+    local = lambda st, c: refresh_chunk(precond.refresh, st, c, phase, chunks)
   if size == 1:
-    return precond.refresh(state, ctx)
+    return local(state, ctx)
   split = lambda x: jnp.reshape(x, (size, x.shape[0] // size) + x.shape[1:])
   merge = lambda x: jnp.reshape(x, (-1,) + x.shape[2:])
   blocked = (state, ctx.index, ctx.real, ctx.aux)
   parts = shard.constrain_tree(jax.tree_util.tree_map(split, blocked), size)
 
   def one_device(st, index, real, aux):
-    return precond.refresh(st, ctx._replace(index=index, real=real, aux=aux))
+    return local(st, ctx._replace(index=index, real=real, aux=aux))
 
   out = jax.vmap(one_device)(*parts)
   return jax.tree_util.tree_map(merge, shard.constrain_tree(out, size))
@@ -259,17 +297,18 @@ def guarded_refresh(precond: Preconditioner, groups, ctxs, threshold,
   """Refreshes every group, keeping the old state of each rejected block.
 
   Blocks whose real extent is 0 (sharding padding, identity blocks) keep
-  their state and count neither as failures nor in the residual. ``refresh``
-  replaces ``precond.refresh`` (e.g. :func:`refresh_per_shard`).
+  their state and count neither as failures nor in the residual.
+  ``refresh(state, ctx, group_index)`` replaces ``precond.refresh`` (e.g.
+  :func:`refresh_per_shard`).
 
   Returns ``(groups, rejected_count, worst_residual)``.
   """
-  refresh = refresh or precond.refresh
+  refresh = refresh or (lambda st, c, _: precond.refresh(st, c))
   new_groups = []
   rejected = jnp.zeros([], jnp.int32)
   worst = jnp.zeros([], jnp.float32)
-  for state, ctx in zip(groups, ctxs):
-    candidate, residual = refresh(state, ctx)
+  for i, (state, ctx) in enumerate(zip(groups, ctxs)):
+    candidate, residual = refresh(state, ctx, i)
     ok = _block_ok(candidate, residual, threshold)
     real = ctx.real[0] > 0
     new_groups.append(tree_select(ok & real, candidate, state))
@@ -365,6 +404,7 @@ def preconditioner_transform(
     max_precond_dim: Optional[int] = None,
     layout_fn: Optional[Callable] = None,
     statistics_every: int = 1,
+    staggered_refresh: bool = False,
     shard_axis: sharding_lib.ShardAxis = None,
     mesh: Optional[jax.sharding.Mesh] = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -385,6 +425,12 @@ def preconditioner_transform(
     statistics_every: the statistics are updated at steps ``count`` with
       ``count % statistics_every == 0`` (as distributed Shampoo's
       ``statistics_compute_steps``).
+    staggered_refresh: spread each refresh over the ``precondition_every``
+      steps of its period: at phase ``j`` of a period every group refreshes
+      its ``j``-th chunk of ``⌈N/precondition_every⌉`` blocks (groups offset
+      by their index, so small groups do not all land on the same step).
+      Every block is refreshed once per period, and the slowest step costs
+      about one ``precondition_every``-th of a full refresh.
     shard_axis: mesh axis name (or tuple of names) to shard the stacked block
       axis ``N`` of every group over; ``None`` (default) does not shard. ``N``
       is padded to a multiple of the axis size with identity blocks, and each
@@ -409,6 +455,10 @@ def preconditioner_transform(
                    high=checks.INT32_MAX)
   checks.check_int("statistics_every", statistics_every, low=1,
                    high=checks.INT32_MAX)
+  checks.check_bool("staggered_refresh", staggered_refresh)
+  if staggered_refresh:
+    checks.check_int("precondition_every", precondition_every, low=1,
+                     high=checks.INT32_MAX, static=True)
   checks.check_int("start_preconditioning_step", start_preconditioning_step,
                    low=0, high=checks.INT32_MAX)
   checks.check_number("inverse_failure_threshold", inverse_failure_threshold,
@@ -492,8 +542,13 @@ def preconditioner_transform(
     groups = constrain_groups(tree_select(taken, stepped, old_groups))
 
     active = count >= start_preconditioning_step
-    due = taken & active & ((count - start_preconditioning_step)
-                            % precondition_every == 0)
+    phase = (count - start_preconditioning_step) % precondition_every
+    due = taken & active & (staggered_refresh | (phase == 0))
+    chunks = precondition_every if staggered_refresh else 1
+
+    def refresh(st, c, i):
+      return refresh_per_shard(precond, shard, st, c,
+                               (phase + i) % precondition_every, chunks)
 
     def apply(gs):
       return [jnp.where(active, precond.precondition(s, g, c), g)
@@ -503,9 +558,8 @@ def preconditioner_transform(
       directions = apply(groups)
     groups, rejected, residual = jax.lax.cond(
         due,
-        lambda gs: guarded_refresh(
-            precond, gs, ctxs, inverse_failure_threshold,
-            refresh=lambda st, c: refresh_per_shard(precond, shard, st, c)),
+        lambda gs: guarded_refresh(precond, gs, ctxs,
+                                   inverse_failure_threshold, refresh),
         lambda gs: (gs, jnp.zeros([], jnp.int32),
                     state.residual.astype(jnp.float32)),
         groups)

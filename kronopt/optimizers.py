@@ -120,6 +120,7 @@ def shampoo(
     qr_tolerance: float = 0.01,
     qr_iterations: int = 1,
     statistics_every: int = 1,
+    staggered_refresh: bool = False,
     max_precond_dim: Optional[int] = None,
     weight_decay_mask: Any = None,
     shard_axis=None,
@@ -166,8 +167,8 @@ def _shampoo(*, learning_rate, b1, b2, epsilon, weight_decay, nesterov,
              root_method, exponent, one_sided, relative_epsilon,
              inverse_failure_threshold, graft_type, graft_eps, graft_b2,
              kronecker_power_iterations, qr_tolerance, qr_iterations,
-             statistics_every, max_precond_dim, weight_decay_mask,
-             shard_axis, mesh, exponent_multiplier=1.0):
+             statistics_every, staggered_refresh, max_precond_dim,
+             weight_decay_mask, shard_axis, mesh, exponent_multiplier=1.0):
   """:func:`shampoo` with Shampoo²'s ``exponent_multiplier``."""
   direction = scale_by_shampoo(
       block_size=block_size, b2=b2, epsilon=epsilon, exponent=exponent,
@@ -179,8 +180,8 @@ def _shampoo(*, learning_rate, b1, b2, epsilon, weight_decay, nesterov,
       inverse_failure_threshold=inverse_failure_threshold,
       kronecker_power_iterations=kronecker_power_iterations,
       qr_tolerance=qr_tolerance, qr_iterations=qr_iterations,
-      statistics_every=statistics_every, max_precond_dim=max_precond_dim,
-      shard_axis=shard_axis, mesh=mesh)
+      statistics_every=statistics_every, staggered_refresh=staggered_refresh,
+      max_precond_dim=max_precond_dim, shard_axis=shard_axis, mesh=mesh)
   return chain_after_direction(
       direction, learning_rate, b1=b1, nesterov=nesterov,
       weight_decay=weight_decay, graft_type=graft_type, graft_eps=graft_eps,
@@ -231,6 +232,7 @@ def caspr(
     qr_tolerance: float = 0.01,
     qr_iterations: int = 1,
     statistics_every: int = 1,
+    staggered_refresh: bool = False,
     max_precond_dim: Optional[int] = None,
     weight_decay_mask: Any = None,
     shard_axis=None,
@@ -250,7 +252,8 @@ def caspr(
       root_method=root_method, relative_epsilon=relative_epsilon,
       inverse_failure_threshold=inverse_failure_threshold,
       qr_tolerance=qr_tolerance, qr_iterations=qr_iterations,
-      statistics_every=statistics_every, max_precond_dim=max_precond_dim,
+      statistics_every=statistics_every, staggered_refresh=staggered_refresh,
+      max_precond_dim=max_precond_dim,
       shard_axis=shard_axis, mesh=mesh)
   return chain_after_direction(
       direction, learning_rate, b1=b1, nesterov=nesterov,

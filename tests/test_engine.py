@@ -226,3 +226,44 @@ def test_state_cast_to_bfloat16_still_updates():
   found = engine.find_states(state)[0]
   assert found.count.dtype == jnp.int32 and int(found.count) == 2
   assert found.groups[0].stats[0].dtype == jnp.bfloat16
+
+
+class _CountsRefreshes:
+  """An algorithm whose state counts, per block, the refreshes it received."""
+
+  def init_group(self, block_shape, n, axes=None):
+    del block_shape, axes
+    return (jnp.zeros([n], jnp.int32),)
+
+  def update_statistics(self, state, g, ctx=None):
+    del g, ctx
+    return state
+
+  def refresh(self, state, ctx=None):
+    del ctx
+    return (state[0] + 1,), jnp.zeros(state[0].shape, jnp.float32)
+
+  def precondition(self, state, g, ctx=None):
+    del state, ctx
+    return g
+
+
+@pytest.mark.parametrize("every", [1, 3, 4])
+def test_staggered_refresh_refreshes_every_block_once_per_period(every):
+  # Groups of 9 (4×4 blocks of an 8×14 and a 4×4 leaf), 1 (2×4), 1 (3×3).
+  params = {"a": jnp.ones((8, 14)), "b": jnp.ones((4, 4)),
+            "c": jnp.ones((2, 4)), "d": jnp.ones((3, 3))}
+  tx = engine.preconditioner_transform(
+      _CountsRefreshes(), block_size=4, precondition_every=every,
+      start_preconditioning_step=2, inverse_failure_threshold=0.1,
+      staggered_refresh=True)
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  sizes = [g[0].shape[0] for g in state.groups]
+  assert sorted(sizes) == [1, 1, 9]
+  for periods in range(1, 3):
+    steps = 2 + every * periods if periods == 1 else every
+    for _ in range(steps):
+      _, state = update(params, state)
+    for g in state.groups:
+      np.testing.assert_array_equal(g[0], periods)

@@ -62,6 +62,7 @@ def scale_by_caspr(
     qr_tolerance: float = 0.01,
     qr_iterations: int = 1,
     statistics_every: int = 1,
+    staggered_refresh: bool = False,
     max_precond_dim: Optional[int] = None,
     shard_axis: Optional[Any] = None,
     mesh: Optional[Any] = None,
@@ -92,6 +93,8 @@ def scale_by_caspr(
     qr_tolerance: see :func:`kronopt.scale_by_shampoo`.
     qr_iterations: see :func:`kronopt.scale_by_shampoo`.
     statistics_every: update the statistics every this many steps.
+    staggered_refresh: spread each refresh over the steps of its period
+      (see :func:`kronopt.scale_by_shampoo`).
     max_precond_dim: dimensions larger than this get no factor.
     shard_axis: mesh axis name (or tuple) to shard the stacked blocks over;
       ``None`` does not shard (see :mod:`kronopt.sharding`).
@@ -113,7 +116,7 @@ def scale_by_caspr(
       qr_iterations=qr_iterations, qr_fallback=inverse_failure_threshold)
   return engine.preconditioner_transform(
       precond, block_size=block_size, max_precond_dim=max_precond_dim,
-      statistics_every=statistics_every,
+      statistics_every=statistics_every, staggered_refresh=staggered_refresh,
       precondition_every=precondition_every,
       start_preconditioning_step=start_preconditioning_step,
       inverse_failure_threshold=inverse_failure_threshold,

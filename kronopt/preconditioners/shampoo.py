@@ -238,6 +238,7 @@ def scale_by_shampoo(
     qr_tolerance: float = 0.01,
     qr_iterations: int = 1,
     statistics_every: int = 1,
+    staggered_refresh: bool = False,
     max_precond_dim: Optional[int] = None,
     shard_axis: Optional[Any] = None,
     mesh: Optional[Any] = None,
@@ -279,6 +280,9 @@ def scale_by_shampoo(
       after them is replaced by an eigh.
     statistics_every: update the statistics every this many steps (as
       distributed Shampoo's ``statistics_compute_steps``).
+    staggered_refresh: spread each refresh over the steps of its period, a
+      ``1/precondition_every`` share of the blocks per step (see
+      :func:`kronopt.engine.preconditioner_transform`).
     max_precond_dim: dimensions larger than this get no factor (e.g. the
       vocabulary axis of an embedding); ``None`` preconditions all.
     shard_axis: mesh axis name (or tuple) to shard the stacked blocks over;
@@ -307,7 +311,7 @@ def scale_by_shampoo(
   return engine.preconditioner_transform(
       precond, block_size=block_size, max_precond_dim=max_precond_dim,
       precondition_every=precondition_every,
-      statistics_every=statistics_every,
+      statistics_every=statistics_every, staggered_refresh=staggered_refresh,
       start_preconditioning_step=start_preconditioning_step,
       inverse_failure_threshold=inverse_failure_threshold,
       shard_axis=shard_axis, mesh=mesh)
