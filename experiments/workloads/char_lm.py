@@ -104,7 +104,7 @@ class CharLM(base.Workload):
   Attributes:
     train_tokens: the training characters as ids, ``[N]``.
     val_windows: the held-out windows of ``seq_len + 1`` ids, ``[E, T+1]``.
-    model: the ``TransformerLM`` constructor (keywords bound).
+    model: the ``TransformerLM`` constructor (hashable, see ``base.Model``).
     graphdef: the model's NNX graph definition.
     seq_len: context length ``T``.
     batch_size: windows per training batch.
