@@ -7,11 +7,17 @@ from kronopt.grafting import GraftState
 from kronopt.grafting import graft
 from kronopt.layout import make_layout
 from kronopt.optimizers import caspr
+from kronopt.optimizers import kfac
 from kronopt.optimizers import kradagrad
 from kronopt.optimizers import shampoo
 from kronopt.optimizers import shampoo2
 from kronopt.optimizers import sketchy
 from kronopt.preconditioners.caspr import scale_by_caspr
+from kronopt.preconditioners.kfac import KFACFactorState
+from kronopt.preconditioners.kfac import KFACGroupState
+from kronopt.preconditioners.kfac import scale_by_kfac
+from kronopt.preconditioners.kfac_layers import KFACLayer
+from kronopt.preconditioners.kfac_layers import KFACStats
 from kronopt.preconditioners.kradagrad import KradagradGroupState
 from kronopt.preconditioners.kradagrad import scale_by_kradagrad
 from kronopt.preconditioners.shampoo import ShampooGroupState
@@ -25,6 +31,10 @@ __version__ = "0.1.0"
 __all__ = [
     "GraftState",
     "GroupContext",
+    "KFACFactorState",
+    "KFACGroupState",
+    "KFACLayer",
+    "KFACStats",
     "KradagradGroupState",
     "PreconditionerState",
     "ShampooGroupState",
@@ -32,9 +42,11 @@ __all__ = [
     "caspr",
     "diagnostics",
     "graft",
+    "kfac",
     "kradagrad",
     "make_layout",
     "scale_by_caspr",
+    "scale_by_kfac",
     "scale_by_kradagrad",
     "scale_by_shampoo",
     "scale_by_sketchy",

@@ -27,6 +27,7 @@ from kronopt import engine
 from kronopt import grafting
 from kronopt.grafting import graft
 from kronopt.preconditioners.caspr import scale_by_caspr
+from kronopt.preconditioners.kfac import scale_by_kfac
 from kronopt.preconditioners.kradagrad import scale_by_kradagrad
 from kronopt.preconditioners.shampoo import scale_by_shampoo
 from kronopt.preconditioners.sketchy import scale_by_sketchy
@@ -342,6 +343,75 @@ def kradagrad(
       inverse_failure_threshold=inverse_failure_threshold,
       statistics_every=statistics_every, max_precond_dim=max_precond_dim,
       shard_axis=shard_axis, mesh=mesh)
+  return chain_after_direction(
+      direction, learning_rate, b1=b1, nesterov=nesterov,
+      weight_decay=weight_decay, graft_type=graft_type, graft_eps=graft_eps,
+      graft_b2=graft_b2, weight_decay_mask=weight_decay_mask)
+
+
+def kfac(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    method: str = "brand",
+    rank: int = 220,
+    damping: float = 1e-3,
+    ema: float = 0.95,
+    cov_every: int = 10,
+    inverse_every: int = 100,
+    seed: int = 0,
+    layers: Any = None,
+    b1: float = 0.9,
+    weight_decay: float = 0.0,
+    nesterov: bool = True,
+    relative_damping: bool = True,
+    start_preconditioning_step: int = 0,
+    inverse_failure_threshold: float = 0.1,
+    oversample: int = 10,
+    power_iters: int = 3,
+    correction_fraction: float = 0.2,
+    rsvd_reset_every: int = 5,
+    graft_type: str = "adam",
+    graft_eps: float = 1e-8,
+    graft_b2: float = 0.999,
+    weight_decay_mask: Any = None,
+    shard_axis=None,
+    mesh=None,
+) -> optax.GradientTransformationExtraArgs:
+  """K-FAC with online eigendecompositions, grafted, one momentum.
+
+  Martens & Grosse 2015; Puiu, "Brand New K-FACs" (arXiv 2210.08494) and
+  "Randomized K-FACs" (arXiv 2206.15397) (docs/algorithms.md §6). ``update``
+  needs the layer statistics, ``tx.update(grads, state, params,
+  kfac_stats=stats)``, from :mod:`kronopt.flax` (or built with
+  :class:`kronopt.KFACStats`); ``layers`` (e.g. ``capture.layers``) says
+  which kernels are layers. The K-FAC direction of the bias-corrected first
+  moment is grafted per parameter onto Adam's step; parameters no layer
+  covers get exactly ``optax.adamw``'s update. See
+  :func:`kronopt.scale_by_kfac` for the preconditioner's arguments and
+  :func:`shampoo` for the others.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, kronopt
+    >>> params = {"dense": {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)}}
+    >>> tx = kronopt.kfac(1e-3, method="eigh")
+    >>> state = tx.init(params)
+    >>> grads = {"dense": {"kernel": jnp.full((4, 3), 0.1),
+    ...                    "bias": jnp.ones(3)}}
+    >>> x, dy = jnp.ones((8, 4)), jnp.full((8, 3), 0.01)  # inputs, ∂L/∂y
+    >>> stats = {"dense": {"kernel": kronopt.KFACStats.dense(x, dy, bias=True),
+    ...                    "bias": None}}
+    >>> updates, state = tx.update(grads, state, params, kfac_stats=stats)
+    >>> params = optax.apply_updates(params, updates)
+  """
+  direction = scale_by_kfac(
+      method=method, rank=rank, damping=damping, ema=ema,
+      cov_every=cov_every, inverse_every=inverse_every, seed=seed,
+      layers=layers, relative_damping=relative_damping,
+      start_preconditioning_step=start_preconditioning_step,
+      inverse_failure_threshold=inverse_failure_threshold,
+      oversample=oversample, power_iters=power_iters,
+      correction_fraction=correction_fraction,
+      rsvd_reset_every=rsvd_reset_every, shard_axis=shard_axis, mesh=mesh)
   return chain_after_direction(
       direction, learning_rate, b1=b1, nesterov=nesterov,
       weight_decay=weight_decay, graft_type=graft_type, graft_eps=graft_eps,

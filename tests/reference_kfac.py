@@ -76,11 +76,80 @@ class KFACLayerOracle:
     return self.a_inv @ np.asarray(block, np.float64) @ self.g_inv
 
 
+def top_eigh(m, r):
+  """The top ``r`` eigenpairs ``(U, D)`` of symmetric ``m``, descending."""
+  lam, q = np.linalg.eigh(0.5 * (m + m.T))
+  return q[:, ::-1][:, :r], np.maximum(lam[::-1][:r], 0.0)
+
+
+def continued_inverse(u, vals, damping, relative=True):
+  """``(U D Uᵀ + d_min (I − U Uᵀ) + λ' I)⁻¹``, ``λ' = λ max D`` (§6).
+
+  The factor's spectrum is continued at its smallest kept eigenvalue; ``I``
+  when ``D = 0``.
+  """
+  d = u.shape[0]
+  if vals.max() <= 0.0:
+    return np.eye(d)
+  shift = damping * vals.max() if relative else damping
+  m = (u * vals) @ u.T + vals.min() * (np.eye(d) - u @ u.T)
+  return np.linalg.inv(m + shift * np.eye(d))
+
+
+class BrandLayerOracle(KFACLayerOracle):
+  """B-KFAC for one layer: ``U D Uᵀ ← top_r(ρ U D Uᵀ + (1−ρ) Â Âᵀ)``.
+
+  Brand's update before truncation is exactly that eigendecomposition, so
+  the oracle forms the ``d×d`` matrix; the inverse is live (no refresh) and
+  continued at ``d_min``.
+  """
+
+  def __init__(self, d_a, d_g, rank, **kwargs):
+    super().__init__(d_a, d_g, **kwargs)
+    self.ra, self.rg = min(rank, d_a), min(rank, d_g)
+    self.ua, self.da = np.eye(d_a)[:, :self.ra], np.zeros(self.ra)
+    self.ug, self.dg = np.eye(d_g)[:, :self.rg], np.zeros(self.rg)
+
+  def statistics(self, a_hat, g_hat):
+    rho = self.ema
+    for side, cols in (("a", a_hat), ("g", g_hat)):
+      u, vals = getattr(self, "u" + side), getattr(self, "d" + side)
+      b = np.sqrt(1 - rho) * np.asarray(cols, np.float64)
+      m = rho * (u * vals) @ u.T + b @ b.T
+      u, vals = top_eigh(m, len(vals))
+      setattr(self, "u" + side, u)
+      setattr(self, "d" + side, vals)
+
+  def refresh(self):
+    pass
+
+  def direction(self, block):
+    a_inv = continued_inverse(self.ua, self.da, self.damping, self.relative)
+    g_inv = continued_inverse(self.ug, self.dg, self.damping, self.relative)
+    return a_inv @ np.asarray(block, np.float64) @ g_inv
+
+
+class TruncatedLayerOracle(KFACLayerOracle):
+  """RS-KFAC's target: the exact EMA, its top ``r`` eigenpairs at each
+  refresh, inverted with the spectrum continued at ``d_min``."""
+
+  def __init__(self, d_a, d_g, rank, **kwargs):
+    super().__init__(d_a, d_g, **kwargs)
+    self.rank = rank
+
+  def refresh(self):
+    self.a_inv = continued_inverse(*top_eigh(self.a, self.rank),
+                                   self.damping, self.relative)
+    self.g_inv = continued_inverse(*top_eigh(self.g, self.rank),
+                                   self.damping, self.relative)
+
+
 class KFACOracle:
   """``scale_by_kfac(method="eigh")`` on a dict of parameters.
 
   ``layers`` maps a kernel's name to ``(bias name or None, in_axes,
-  out_axes)``. Step ``t`` (from 0): statistics when ``t % cov_every == 0``,
+  out_axes)``; ``layer_oracle`` (with ``oracle_kwargs``) is the per-layer
+  method, exact K-FAC by default. Step ``t`` (from 0): statistics when ``t % cov_every == 0``,
   refresh when ``t ≥ start`` and ``(t − start) % inverse_every == 0``,
   direction ``V`` from ``t ≥ start`` (before: the input unchanged). Inputs
   that are not covered pass through. A non-finite gradient changes nothing
@@ -88,7 +157,8 @@ class KFACOracle:
   """
 
   def __init__(self, params, layers, *, ema=0.95, damping=1e-3,
-               cov_every=1, inverse_every=1, start=0, relative=True):
+               cov_every=1, inverse_every=1, start=0, relative=True,
+               layer_oracle=KFACLayerOracle, **oracle_kwargs):
     self.layers = layers
     self.cov_every, self.inverse_every, self.start = (cov_every,
                                                       inverse_every, start)
@@ -97,9 +167,8 @@ class KFACOracle:
       shape = np.shape(params[name])
       d_a = int(np.prod([shape[i] for i in in_axes])) + (bias is not None)
       d_g = int(np.prod([shape[i] for i in out_axes]))
-      self.oracles[name] = KFACLayerOracle(d_a, d_g, ema=ema,
-                                           damping=damping,
-                                           relative=relative)
+      self.oracles[name] = layer_oracle(d_a, d_g, ema=ema, damping=damping,
+                                        relative=relative, **oracle_kwargs)
     self.count = 0
 
   def covered(self):

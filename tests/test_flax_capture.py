@@ -7,6 +7,7 @@ layer's output and ``Â Γ̂ᵀ`` is its gradient. Gradients are compared with
 plain ``jax.grad`` / ``nnx.grad``.
 """
 
+import os
 import subprocess
 import sys
 
@@ -21,6 +22,9 @@ from flax import nnx
 import kronopt.flax
 from kronopt.flax import _capture
 from kronopt.preconditioners import kfac_layers
+
+sys.path.insert(0, os.path.dirname(__file__))
+from fast_jit import jit  # noqa: E402
 
 B, D_IN, HIDDEN, CLASSES = 8, 5, 4, 3
 
@@ -236,7 +240,7 @@ def test_linen_mlp_statistics_match_hand_written_backprop():
     logits = model.apply({"params": p}, x)
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
-  (loss, grads, stats), (ref_loss, ref_grads) = jax.jit(
+  (loss, grads, stats), (ref_loss, ref_grads) = jit(
       lambda p: (capture.value_grad_and_stats(loss_fn, p, x, y),
                  jax.value_and_grad(loss_fn)(p, x, y)))(params)
   p = {k: {n: np.asarray(v, np.float64) for n, v in d.items()}
@@ -314,7 +318,7 @@ def test_linen_conv_patches_reproduce_the_layer_and_its_gradient():
 
 
 def test_conv_rows_handle_unbatched_and_extra_batch_axes():
-  rows = jax.jit(_capture.conv_rows((2, 2), padding="SAME"))
+  rows = jit(_capture.conv_rows((2, 2), padding="SAME"))
   x = jnp.asarray(np.random.default_rng(5).standard_normal((2, 3, 4, 4, 2)),
                   jnp.float32)
   dy = jnp.zeros((2, 3, 4, 4, 1))

@@ -6,6 +6,9 @@ Rayleigh–Ritz correction, and ``np.linalg.solve`` with the continued
 spectrum for the damped inverse application.
 """
 
+import os
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,16 +16,20 @@ import pytest
 
 from kronopt.linalg import lowrank
 
+sys.path.insert(0, os.path.dirname(__file__))
+from fast_jit import jit  # noqa: E402
+
 RHO = 0.95
 
-# Jitted once per module: eager dispatch compiles every small op on its own.
-brand_expand = jax.jit(lowrank.brand_expand)
-brand_update = jax.jit(lowrank.brand_update)
-reorthogonalize = jax.jit(lowrank.reorthogonalize)
-randomized_eigh = jax.jit(lowrank.randomized_eigh, static_argnums=1)
-rayleigh_ritz = jax.jit(lowrank.rayleigh_ritz, static_argnames=("fraction",))
-inverse_apply = jax.jit(lowrank.inverse_apply,
-                        static_argnames=("axis", "relative"))
+# Jitted once per module (eager dispatch compiles every small op on its
+# own), with the cheap compile options of tests/fast_jit.py.
+brand_expand = jit(lowrank.brand_expand)
+brand_update = jit(lowrank.brand_update)
+reorthogonalize = jit(lowrank.reorthogonalize)
+randomized_eigh = jit(lowrank.randomized_eigh, static_argnums=1)
+rayleigh_ritz = jit(lowrank.rayleigh_ritz, static_argnames=("fraction",))
+inverse_apply = jit(lowrank.inverse_apply,
+                    static_argnames=("axis", "relative"))
 
 
 def np_top_eigh(m, r):
@@ -198,7 +205,7 @@ def test_randomized_eigh_recovers_top_spectrum(rsvd_problem):
                                rtol=1e-5)
     assert_same_subspace(np.asarray(got.basis[i], np.float64), want_vecs,
                          atol=1e-4)
-  err = np.asarray(jax.jit(lowrank.relative_error)(
+  err = np.asarray(jit(lowrank.relative_error)(
       got, jnp.asarray(m, jnp.float32)))
   np.testing.assert_allclose(err, lam[RSVD_R] / lam[0], rtol=1e-3)
 

@@ -218,18 +218,23 @@ def rayleigh_ritz(lr: LowRank, m, keys, *, fraction: float = 0.2) -> LowRank:
   ``U_S ← U_S W``, ``D_S ← Θ`` (arXiv 2210.08494, B-KFAC-c; the authors'
   code does this, without a power step). The span is unchanged, so ``U``
   stays orthonormal; the corrected eigenvalues are the exact EMA's on it.
-  Costs ``O(d² |S|)``. The modes are re-sorted.
+  Costs ``O(d² |S|)``. The subset is selected by a one-hot matrix (the
+  ``|S|`` largest of ``r`` uniform draws), so selection and write-back are
+  matmuls. The modes are re-sorted.
   """
   r = lr.values.shape[-1]
   s = num_corrected(r, fraction)
-  idx = jax.vmap(
-      lambda k: jax.random.choice(k, r, (s,), replace=False))(keys)
-  us = jnp.take_along_axis(lr.basis, idx[:, None, :], axis=-1)
+  scores = jax.vmap(lambda k: jax.random.uniform(k, (r,)))(keys)
+  pick = jax.nn.one_hot(jax.lax.top_k(scores, s)[1], r,
+                        dtype=lr.basis.dtype)  # [N, s, r]
+  us = _bmm(lr.basis, _t(pick))
   corrected = _from_symmetric_eigh(_bmm(_t(us), _bmm(m, us)), basis=us)
-  put = jax.vmap(lambda x, i, v: x.at[..., i].set(v))
+  old_values = jnp.einsum("nsr,nr->ns", pick, lr.values, precision=HIGHEST)
   return sort_descending(LowRank(
-      basis=put(lr.basis, idx, corrected.basis),
-      values=put(lr.values, idx, corrected.values)))
+      basis=lr.basis + _bmm(corrected.basis - us, pick),
+      values=lr.values + jnp.einsum("ns,nsr->nr",
+                                    corrected.values - old_values, pick,
+                                    precision=HIGHEST)))
 
 
 def inverse_scales(lr: LowRank, damping, relative=True):

@@ -54,6 +54,12 @@ class KFACStats(NamedTuple):
   a: jax.Array
   g: jax.Array
 
+  @staticmethod
+  def dense(inputs, output_grads, *, bias: bool,
+            num_in: int = 1) -> "KFACStats":
+    """The statistics of a dense layer's call (see :func:`dense_stats`)."""
+    return dense_stats(inputs, output_grads, bias=bias, num_in=num_in)
+
 
 @dataclasses.dataclass(frozen=True)
 class KFACLayer:
@@ -86,6 +92,23 @@ class KFACLayer:
     """``(d_in, d_out)`` of a kernel of this ``shape`` (no bias row)."""
     return (math.prod(shape[i] for i in self.in_axes),
             math.prod(shape[i] for i in self.out_axes))
+
+  @staticmethod
+  def dense(bias: Optional[str] = "bias") -> "KFACLayer":
+    """A dense kernel ``(d_in, d_out)`` (see :func:`dense`)."""
+    return dense(bias)
+
+  @staticmethod
+  def conv(num_spatial: int = 2, bias: Optional[str] = "bias"
+           ) -> "KFACLayer":
+    """A convolution kernel ``(*window, c_in, c_out)``."""
+    return conv(num_spatial, bias)
+
+  @staticmethod
+  def dense_general(num_in: int, num_out: int,
+                    bias: Optional[str] = "bias") -> "KFACLayer":
+    """A kernel ``(*in_features, *out_features)``."""
+    return dense_general(num_in, num_out, bias)
 
 
 def dense(bias: Optional[str] = "bias") -> KFACLayer:
@@ -257,8 +280,8 @@ HOW_TO = (
     "kronopt.flax.nnx.KFACCapture(model).value_grad_and_stats(loss_fn, "
     "model, *batch) (Flax NNX) or kronopt.flax.linen.KFACCapture(model, "
     "variables, *batch).value_grad_and_stats(loss_fn, params, *batch) (Flax "
-    "linen), or build KFACStats(a, g) per kernel with "
-    "kronopt.preconditioners.kfac_layers.dense_stats, and call "
+    "linen), or build one kronopt.KFACStats per kernel (e.g. "
+    "kronopt.KFACStats.dense(inputs, output_grads, bias=True)), and call "
     "tx.update(grads, state, params, kfac_stats=stats).")
 
 
@@ -275,13 +298,20 @@ def align_stats(params, layers: Sequence[ResolvedLayer], kfac_stats):
       has statistics where no parameter or no registered kernel is, or
       statistics of the wrong shape.
   """
+  return align_stats_flat(
+      tuple((k, _is_masked(x)) for k, x in flat_params(params)), layers,
+      kfac_stats)
+
+
+def align_stats_flat(flat, layers: Sequence[ResolvedLayer], kfac_stats):
+  """:func:`align_stats` given ``(key, is MaskedNode)`` per parameter leaf."""
   if not layers:
     return []
   if kfac_stats is None:
     raise ValueError(
         "K-FAC needs the layer statistics as the keyword extra argument "
         "kfac_stats of update(); none were given. " + HOW_TO)
-  flat = dict(flat_params(params))
+  masked = dict(flat)
   registered = {layer.key: layer for layer in layers}
   given, _ = jax.tree_util.tree_flatten_with_path(kfac_stats,
                                                   is_leaf=_is_stats)
@@ -294,11 +324,11 @@ def align_stats(params, layers: Sequence[ResolvedLayer], kfac_stats):
       raise ValueError(
           f"kfac_stats does not match the parameters: expected KFACStats or "
           f"None at {_where(key)}, got {type(stats).__name__}. " + HOW_TO)
-    if key not in flat:
+    if key not in masked:
       raise ValueError(
           f"kfac_stats does not match the parameters: statistics at "
           f"{_where(key)}, where the parameters have no leaf. " + HOW_TO)
-    if _is_masked(flat[key]):
+    if masked[key]:
       continue
     if key not in registered:
       raise ValueError(
