@@ -21,6 +21,11 @@ optional) is the unpadded size of each block: coordinates ``≥ real`` are
 zero padding, and the bases keep them on the identity (``Q[p, p] = 1``, no
 mixing with real coordinates), which SOAP needs because its rotated second
 moment is not basis-invariant.
+
+SOAP's refresh (:func:`sorted_power_step`) first sorts the columns of ``Q``
+by ``est`` descending (:func:`descending_order`; padded coordinates stay
+last, in place) and returns the permutation, which SOAP applies to its
+rotated second moment, then takes one power + QR step from the sorted basis.
 """
 
 import jax
@@ -130,3 +135,43 @@ def refine(a, q, *, tolerance, iterations, real=None):
   carry = (jnp.asarray(0), q) + rayleigh(a, q)
   _, q, _, est, mass = jax.lax.while_loop(cond, body, carry)
   return q, est, mass
+
+
+def descending_order(est, real=None):
+  """Per matrix, the column order that sorts ``est`` descending (``[N, d]``).
+
+  Stable (ties keep their order); with ``real``, the padded coordinates are
+  ordered last, in place, so the permutation never mixes them with real ones.
+  """
+  pad = _pad_mask(real, est)
+  if pad is not None:
+    est = jnp.where(pad, -jnp.inf, est)
+  return jnp.argsort(-est, axis=-1, stable=True)
+
+
+def sort_columns(a, q, real=None):
+  """``(A Q[:, order], order, mass)``: the columns of ``q`` in the order of
+  their Rayleigh quotients ``est = diag(Qᵀ A Q)``, descending.
+
+  ``order`` (``[N, d]`` ints) says that column ``k`` of the sorted basis was
+  column ``order[k]`` of ``q``; apply it to whatever is indexed by the old
+  columns. ``mass`` is the relative off-diagonal mass of ``q`` (see
+  :func:`rayleigh`). One product ``A Q`` gives all three.
+  """
+  aq, est, mass = rayleigh(a, q)
+  order = descending_order(est, real)
+  return jnp.take_along_axis(aq, order[..., None, :], axis=-1), order, mass
+
+
+def sorted_power_step(a, q, real=None):
+  """SOAP's warm refresh of a basis (docs/algorithms.md §8).
+
+  Sorts the columns of ``q`` by ``est`` descending, then takes one power +
+  QR step: ``Q ← qr(A Q[:, order])``.
+
+  Returns:
+    ``(Q, order, mass)``: the new basis, and the order and the off-diagonal
+    mass of the old one (see :func:`sort_columns`).
+  """
+  aq, order, mass = sort_columns(a, q, real)
+  return power_qr_step(aq, real), order, mass
