@@ -12,6 +12,7 @@ from kronopt.optimizers import kradagrad
 from kronopt.optimizers import shampoo
 from kronopt.optimizers import shampoo2
 from kronopt.optimizers import sketchy
+from kronopt.optimizers import soap
 from kronopt.preconditioners.caspr import scale_by_caspr
 from kronopt.preconditioners.kfac import KFACFactorState
 from kronopt.preconditioners.kfac import KFACGroupState
@@ -24,6 +25,9 @@ from kronopt.preconditioners.shampoo import ShampooGroupState
 from kronopt.preconditioners.shampoo import scale_by_shampoo
 from kronopt.preconditioners.sketchy import SketchyGroupState
 from kronopt.preconditioners.sketchy import scale_by_sketchy
+from kronopt.preconditioners.soap import SoapGroupState
+from kronopt.preconditioners.soap import SoapState
+from kronopt.preconditioners.soap import scale_by_soap
 from kronopt.sharding import state_shardings
 
 __version__ = "0.1.0"
@@ -39,6 +43,8 @@ __all__ = [
     "PreconditionerState",
     "ShampooGroupState",
     "SketchyGroupState",
+    "SoapGroupState",
+    "SoapState",
     "caspr",
     "diagnostics",
     "graft",
@@ -50,8 +56,10 @@ __all__ = [
     "scale_by_kradagrad",
     "scale_by_shampoo",
     "scale_by_sketchy",
+    "scale_by_soap",
     "shampoo",
     "shampoo2",
     "sketchy",
+    "soap",
     "state_shardings",
 ]

@@ -31,6 +31,7 @@ from kronopt.preconditioners.kfac import scale_by_kfac
 from kronopt.preconditioners.kradagrad import scale_by_kradagrad
 from kronopt.preconditioners.shampoo import scale_by_shampoo
 from kronopt.preconditioners.sketchy import scale_by_sketchy
+from kronopt.preconditioners.soap import scale_by_soap
 
 
 def _is_zero(x) -> bool:
@@ -416,3 +417,58 @@ def kfac(
       direction, learning_rate, b1=b1, nesterov=nesterov,
       weight_decay=weight_decay, graft_type=graft_type, graft_eps=graft_eps,
       graft_b2=graft_b2, weight_decay_mask=weight_decay_mask)
+
+
+def soap(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    b1: float = 0.95,
+    b2: float = 0.95,
+    shampoo_b2: Optional[float] = None,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    block_size: int = 1024,
+    max_precond_dim: Optional[int] = 10_000,
+    precondition_every: int = 10,
+    start_preconditioning_step: int = 0,
+    weight_decay_mask: Any = None,
+    shard_axis=None,
+    mesh=None,
+) -> optax.GradientTransformationExtraArgs:
+  """SOAP: Adam in Shampoo's eigenbasis, decoupled weight decay.
+
+  Vyas et al., "SOAP: Improving and Stabilizing Shampoo using Adam", 2024
+  (docs/algorithms.md §8). No graft: :func:`kronopt.scale_by_soap` is the
+  whole step (its own bias-corrected moments), then ``+ weight_decay ·
+  params`` and ``−learning_rate``. Leaves with no rotated axis (rank ≤ 1,
+  or every dimension above ``max_precond_dim``), and every leaf while the
+  bases are still ``I`` (the first step by default), get exactly
+  ``optax.adamw(learning_rate, b1, b2, eps, weight_decay=weight_decay)``'s
+  update. See :func:`kronopt.scale_by_soap` for the other arguments.
+
+  Args:
+    learning_rate: a float or an optax schedule.
+    weight_decay: decoupled weight decay (AdamW-style, before the learning
+      rate).
+    weight_decay_mask: as ``optax.adamw``'s ``mask``.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, kronopt
+    >>> params = {"w": jnp.ones((4, 3)), "b": jnp.zeros(3)}
+    >>> tx = kronopt.soap(3e-3)
+    >>> state = tx.init(params)
+    >>> grads = {"w": jnp.full((4, 3), 0.1), "b": jnp.ones(3)}
+    >>> updates, state = tx.update(grads, state, params)
+    >>> params = optax.apply_updates(params, updates)
+  """
+  direction = scale_by_soap(
+      b1=b1, b2=b2, shampoo_b2=shampoo_b2, eps=eps, block_size=block_size,
+      max_precond_dim=max_precond_dim, precondition_every=precondition_every,
+      start_preconditioning_step=start_preconditioning_step,
+      shard_axis=shard_axis, mesh=mesh)
+  return skipping_with(
+      direction,
+      decay_and_learning_rate(learning_rate, weight_decay, weight_decay_mask))
