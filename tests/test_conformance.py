@@ -35,12 +35,15 @@ class Case(NamedTuple):
       needs (K-FAC's statistics), or ``None``.
     unpreconditioned: keyword overrides under which nothing is
       preconditioned for a whole run (the optimizer is then AdamW).
+    adamw_names: the optimizer's arguments that are ``optax.adamw``'s
+      ``b2`` and ``eps`` where nothing is preconditioned.
   """
   fn: Callable
   kwargs: dict
   static: tuple = LAYOUT_STATIC
   extra: Optional[Callable] = None
   unpreconditioned: Any = dict(start_preconditioning_step=10**6)
+  adamw_names: tuple = ("graft_b2", "graft_eps")
 
 
 CASES = {
@@ -55,6 +58,15 @@ CASES = {
     "caspr": Case(kronopt.caspr, dict(COMMON)),
     "sketchy": Case(kronopt.sketchy, dict(COMMON, rank=2),
                     LAYOUT_STATIC + ("rank",)),
+    # SOAP: no graft (its own Adam moments). Bases from eigh at count 1 (two
+    # gradients: full-rank factors, so unique bases), QR at counts 2 and 3.
+    # With max_precond_dim=6, w = 8×6 rotates only its columns (split 4+2).
+    "soap": Case(kronopt.soap, dict(COMMON, precondition_every=1),
+                 LAYOUT_STATIC + ("max_precond_dim",),
+                 adamw_names=("b2", "eps")),
+    "soap_max_precond_dim": Case(
+        kronopt.soap, dict(COMMON, precondition_every=1, max_precond_dim=6),
+        LAYOUT_STATIC + ("max_precond_dim",), adamw_names=("b2", "eps")),
 }
 
 STEPS = 4
@@ -280,8 +292,9 @@ def _adamw_kwargs(case, weight_decay):
   params = inspect.signature(case.fn).parameters
   get = lambda k, default: case.kwargs.get(
       k, params[k].default if k in params else default)
+  b2_name, eps_name = case.adamw_names
   return dict(learning_rate=case.kwargs["learning_rate"], b1=get("b1", 0.9),
-              b2=get("graft_b2", 0.999), eps=get("graft_eps", 1e-8),
+              b2=get(b2_name, 0.999), eps=get(eps_name, 1e-8),
               weight_decay=weight_decay, nesterov=get("nesterov", False))
 
 
