@@ -255,6 +255,10 @@ OTHER_ALGORITHMS = {
     "kradagrad_single_axis": lambda **kw: kronopt.scale_by_kradagrad(
         variant="single_axis", **COMMON, **kw),
     "shampoo2_alias": lambda **kw: kronopt.shampoo2(1e-2, **COMMON, **kw),
+    # Bases from eigh at count 0 (8×8 blocks: one gradient is full rank),
+    # QR at count 2; M and V are [N, 8, 8] leaves sharded like the factors.
+    "soap_alias": lambda **kw: kronopt.soap(
+        1e-2, **dict(COMMON, start_preconditioning_step=0), **kw),
 }
 COMMON = dict(block_size=BLOCK, precondition_every=2,
               start_preconditioning_step=1)
