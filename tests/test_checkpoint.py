@@ -29,13 +29,12 @@ import pytest
 
 import kronopt
 
+sys.path.insert(0, os.path.dirname(__file__))
+from fast_jit import jit  # noqa: E402  (cheap XLA options; both compared runs)
+
 STEPS = 6
 SAVE_AT = 3
 SIZES = (5, 6)  # one dense layer: 4 zero-padded 4×4 blocks, and a bias
-# Compiles several times faster (the run is a handful of steps); both runs
-# that are compared use the same options.
-QUICK_COMPILE = {"xla_backend_optimization_level": 0,
-                 "xla_llvm_disable_expensive_passes": True}
 
 
 def make_tx(name, **sharding):
@@ -73,7 +72,7 @@ def make_step(tx, **jit_kwargs):
     grads = jax.grad(loss_fn)(params, *batch_at(t))
     updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state
-  return jax.jit(step, compiler_options=QUICK_COMPILE, **jit_kwargs)
+  return jit(step, **jit_kwargs)
 
 
 def assert_bitwise_equal(got, want):

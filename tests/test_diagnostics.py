@@ -7,6 +7,7 @@ NNX's views of a state (the optimizer, its ``opt_state``, ``nnx.state``, the
 state of ``nnx.split``, a pure dict) give the same values as the optax state.
 """
 
+import os
 import subprocess
 import sys
 
@@ -19,6 +20,9 @@ from flax import nnx
 
 import kronopt
 from kronopt import engine
+
+sys.path.insert(0, os.path.dirname(__file__))
+from fast_jit import jit  # noqa: E402  (cheap XLA options)
 
 KEYS = ("refresh_failures", "skipped_gradients", "overflowed_statistics",
         "worst_residual", "preconditioned", "count")
@@ -43,8 +47,8 @@ def grads_at(params, t, bad=None):
 def run(tx, bads):
   """Steps with ``grads_at(t, bads[t])``; returns every state."""
   params = make_params()
-  update = jax.jit(tx.update)
-  states = [tx.init(params)]
+  update = jit(tx.update)
+  states = [jit(tx.init)(params)]
   for t, bad in enumerate(bads):
     states.append(update(grads_at(params, t, bad), states[-1], params)[1])
   return states
@@ -129,9 +133,12 @@ class MLP(nnx.Module):
 @pytest.fixture(scope="module")
 def nnx_optimizer():
   """An ``nnx.Optimizer`` after 4 steps, the third with a NaN gradient."""
-  model = MLP(nnx.Rngs(0))
-  optimizer = nnx.Optimizer(model, kronopt.shampoo(1e-2, **COMMON),
-                            wrt=nnx.Param)
+  def create():
+    model = MLP(nnx.Rngs(0))
+    return model, nnx.Optimizer(model, kronopt.shampoo(1e-2, **COMMON),
+                                wrt=nnx.Param)
+
+  model, optimizer = nnx.jit(create)()  # one compile, not op-by-op init
 
   @nnx.jit
   def step(model, optimizer, x, y, poison):
