@@ -40,6 +40,7 @@ import optax
 
 import kronopt
 from experiments import optimizers
+from kronopt.preconditioners import soap as soap_lib
 
 LEARNING_RATE = 1e-3
 BASELINE = {"name": "adam"}
@@ -65,6 +66,8 @@ FAMILY = [
     {"name": "kradagrad", "block_size": 128, "precondition_every": 10},
     {"name": "kradagrad", "block_size": 256, "precondition_every": 10},
     {"name": "kradagrad", "block_size": 1024, "precondition_every": 10},
+    {"name": "soap", "block_size": 256, "precondition_every": 10},
+    {"name": "soap", "block_size": 1024, "precondition_every": 10},
 ]
 REGISTRY = REGISTRY + FAMILY
 QUICK = [spec for spec in REGISTRY
@@ -256,6 +259,15 @@ def sketchy_state_bytes(spec, params) -> int:
   return factors + 3 * tree_bytes(params)
 
 
+def soap_state_bytes(spec, params) -> int:
+  """No graft: per block ``M, V`` and per rotated axis ``L, Q`` in float32,
+  Adam's two moments for the leaves without a block
+  (:func:`kronopt.preconditioners.soap.predicted_state_bytes`)."""
+  return soap_lib.predicted_state_bytes(
+      params, block_size=spec.get("block_size", 1024),
+      max_precond_dim=spec.get("max_precond_dim", 10_000))
+
+
 # Shampoo², CASPR and KrADagrad keep two d×d float32 matrices per axis too
 # (statistic or inverse statistic, and its root).
 PREDICTED_STATE_BYTES = {"adam": adam_state_bytes,
@@ -263,7 +275,8 @@ PREDICTED_STATE_BYTES = {"adam": adam_state_bytes,
                          "shampoo2": shampoo_state_bytes,
                          "caspr": shampoo_state_bytes,
                          "kradagrad": shampoo_state_bytes,
-                         "sketchy": sketchy_state_bytes}
+                         "sketchy": sketchy_state_bytes,
+                         "soap": soap_state_bytes}
 
 
 def bench_memory(specs):
