@@ -15,15 +15,18 @@ with Shampoo's factors and their eigenbases ``Q_L, Q_R``, at step ``t``:
                 the same for R (every ``precondition_every`` steps)
 
 The direction uses the bases of the previous refresh; the refresh follows it
-(the authors' order: the engine's ``refresh_after_precondition``). Until
-the first refresh, at ``start_preconditioning_step``, ``Q = I`` and the
+(the authors' order: the engine's ``refresh_after_precondition``).
+Refreshes are at the steps ``c`` with ``c % precondition_every == 0`` from
+``start_preconditioning_step`` on. Until the first one ``Q = I`` and the
 direction is exactly Adam's (so is the first step of a default run: the
 authors skip it, docs/algorithms.md §8 allows either). The first refresh
 takes the bases from ``eigh`` (descending) instead of the QR step, after the
 same sort (of ``I`` by ``diag L``, so the ``V`` gathered while ``Q = I``
-follows the largest statistics; the authors have ``V = 0`` there). Axes larger than ``max_precond_dim`` get no factor (``Q = I``
-there), and leaves with no preconditioned axis at all (rank ≤ 1, or every
-dimension too large) get plain Adam: exactly ``optax.adam``'s update.
+follows the largest statistics; the authors have ``V = 0`` there).
+
+Axes larger than ``max_precond_dim`` get no factor (``Q = I`` there), and
+leaves with no preconditioned axis at all (rank ≤ 1, or every dimension too
+large) get plain Adam: exactly ``optax.adam``'s update.
 
 Padding (block splits) never mixes with real coordinates: the bases keep it
 on the identity (:mod:`kronopt.linalg.eigenbasis`), the column sort keeps it
@@ -118,7 +121,9 @@ def permute_axis(x, order, axis: int):
 class Soap:
   """SOAP on the engine (see :func:`kronopt.scale_by_soap`).
 
-  ``start`` is the step of the first refresh (bases from eigh); the engine
+  The engine calls :meth:`refresh` at the steps ``c`` with
+  ``c % precondition_every == 0``; those before ``start`` keep ``Q = I``,
+  the first one from ``start`` on takes the bases from eigh. The engine
   itself starts at step 0, so the direction is SOAP's (Adam's while
   ``Q = I``) from the first step.
   """
@@ -272,11 +277,11 @@ def scale_by_soap(
     max_precond_dim: merged dimensions larger than this are not rotated and
       not split (e.g. a vocabulary axis); ``None`` rotates every dimension.
     precondition_every: steps between refreshes of the eigenbases.
-    start_preconditioning_step: the step of the first refresh (the bases
-      from eigh, after that step's direction); until then ``Q = I`` and the
-      update is Adam's. Later refreshes are at the steps ``c`` with
-      ``c % precondition_every == 0``. With 0 (default) the first step's
-      gradient gives the first bases, as the paper.
+    start_preconditioning_step: the bases are refreshed at the steps ``c``
+      with ``c % precondition_every == 0`` from this step on (the first
+      time from eigh, after that step's direction); until then ``Q = I``
+      and the update is Adam's. With 0 (default) the first step's gradient
+      gives the first bases, as the paper.
     shard_axis: mesh axis name (or tuple) to shard the stacked blocks over;
       ``None`` does not shard (see :mod:`kronopt.sharding`).
     mesh: the ``jax.sharding.Mesh``; ``None`` uses the ambient mesh.
