@@ -100,19 +100,35 @@ def _damping_scale(a, lam_max, relative_to):
                    f"{', '.join(map(repr, RELATIVE_TO))}.")
 
 
+def noise_floor(lam_max, d: int, dtype):
+  """``d · ε_mach · λ_max``: eigenvalues below it are decomposition noise.
+
+  A backward-stable eigensolver returns the eigenvalues of ``A + E`` with
+  ``‖E‖₂ ≲ d·ε_mach·‖A‖₂``, so computed eigenvalues below this bound (the
+  near-zero spectrum of rank-deficient statistics, ``±1e-7·λ_max`` in
+  float32) carry no information and, left as they are, make the damped
+  roots depend on rounding (jit vs. eager, a traced ``β₂``). They are treated
+  as 0 before damping, as distributed Shampoo's pseudo-inverse option does.
+  """
+  return d * jnp.finfo(dtype).eps * jnp.maximum(lam_max, 0.0)
+
+
 def power_from_eigen(q, lam, power, *, epsilon=0.0, relative_epsilon=True,
                      clip_negative=True, scale=None):
   """``Q diag((λ + δ)^{power}) Qᵀ`` from an eigendecomposition.
 
-  ``λ`` is first clipped at 0 (``clip_negative``, the relative-damping recipe
-  of docs/algorithms.md §0; without it, the papers' absolute ``A + εI`` where
-  a negative eigenvalue gives a NaN the refresh guard rejects); ``δ`` is
-  :func:`damping` of ``scale`` (default: the largest eigenvalue).
+  With ``clip_negative`` (the relative-damping recipe of docs/algorithms.md
+  §0) every ``λ`` below :func:`noise_floor` (negative ones included) is
+  first set to 0; without it (the papers' absolute ``A + εI``) the
+  eigenvalues are used as computed and a negative one gives a NaN the refresh
+  guard rejects. ``δ`` is :func:`damping` of ``scale`` (default: the largest
+  eigenvalue).
 
   Returns ``(power_of_A, damped_eigenvalues)``.
   """
   lam_max = jnp.max(lam, axis=-1)
-  lam = jnp.where(clip_negative, jnp.maximum(lam, 0.0), lam)
+  floor = noise_floor(lam_max, q.shape[-1], lam.dtype)[..., None]
+  lam = jnp.where(clip_negative, jnp.where(lam < floor, 0.0, lam), lam)
   scale = lam_max if scale is None else scale
   lam = lam + damping(scale, epsilon, relative_epsilon)[..., None]
   powered = _bmm(q * (lam ** power)[..., None, :], jnp.swapaxes(q, -1, -2))
