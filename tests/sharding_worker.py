@@ -8,6 +8,7 @@ the traceback; the exit code is the number of failed checks. Usage:
 """
 
 import os
+import functools
 import sys
 import time
 import math
@@ -247,6 +248,21 @@ def check_declared_shardings():
     assert got.is_equivalent_to(NamedSharding(mesh, P(axes)), 3), got
 
 
+def _kfac_with_stats(method, **kw):
+  """K-FAC of one dense layer ``a`` (32×24; N = 1, padded to 8 when
+  sharded), its statistics taken from the gradient so that run() passes
+  none; rank 6 puts both factors on Brand's QR path and the RSVD below d."""
+  tx = kronopt.scale_by_kfac(
+      method=method, rank=6, layers={"a": kronopt.KFACLayer.dense(None)},
+      cov_every=1, inverse_every=2, start_preconditioning_step=1, **kw)
+
+  def update(g, state, params=None, **extra):
+    stats = {"a": kronopt.KFACStats(g["a"][:, :5], g["a"].T[:, :5])}
+    return tx.update(g, state, params, kfac_stats=stats, **extra)
+
+  return optax.GradientTransformationExtraArgs(tx.init, update)
+
+
 OTHER_ALGORITHMS = {
     "caspr": lambda **kw: kronopt.scale_by_caspr(**COMMON, **kw),
     "sketchy": lambda **kw: kronopt.scale_by_sketchy(rank=4, **COMMON, **kw),
@@ -255,6 +271,8 @@ OTHER_ALGORITHMS = {
     "kradagrad_single_axis": lambda **kw: kronopt.scale_by_kradagrad(
         variant="single_axis", **COMMON, **kw),
     "shampoo2_alias": lambda **kw: kronopt.shampoo2(1e-2, **COMMON, **kw),
+    **{f"kfac_{m}": functools.partial(_kfac_with_stats, m)
+       for m in ("eigh", "rsvd", "brand", "brand_rsvd", "brand_corrected")},
     # Bases from eigh at count 0 (8×8 blocks: one gradient is full rank),
     # QR at count 2; M and V are [N, 8, 8] leaves sharded like the factors.
     "soap_alias": lambda **kw: kronopt.soap(

@@ -46,6 +46,29 @@ class Case(NamedTuple):
   adamw_names: tuple = ("graft_b2", "graft_eps")
 
 
+# K-FAC: w (8×6) is a dense layer registered without bias, so that b stays
+# AdamW's as for every optimizer here; conv is not registered (AdamW too),
+# which keeps each K-FAC case one group of two factors (compile time).
+# Rank 3 with 4 statistics columns: w's 8-dimensional factor takes Brand's
+# QR path, the 6-dimensional one the direct path; oversampling 2 keeps the
+# RSVD's sketch (5 columns) below d. Damping 0.1 keeps the damped inverses'
+# amplification of float32 rounding below 10.
+KFAC_LAYERS = {"w": kronopt.KFACLayer.dense(None), "b": None, "conv": None}
+KFAC_COMMON = dict(learning_rate=1e-2, layers=KFAC_LAYERS, rank=3,
+                   oversample=2, damping=0.1, cov_every=1, inverse_every=2,
+                   start_preconditioning_step=1)
+KFAC_STATIC = ("rank", "oversample", "power_iters", "correction_fraction")
+
+
+def kfac_stats_at(params, step):
+  """Deterministic statistics of w (4 columns) that differ per step."""
+  del params
+  k1, k2 = jax.random.split(jax.random.PRNGKey(200 + step))
+  stats = kronopt.KFACStats(jax.random.normal(k1, (8, 4)),
+                            jax.random.normal(k2, (6, 4)))
+  return {"kfac_stats": {"w": stats, "b": None, "conv": None}}
+
+
 CASES = {
     "shampoo": Case(kronopt.shampoo, dict(COMMON)),
     "shampoo_newton": Case(kronopt.shampoo,
@@ -58,6 +81,10 @@ CASES = {
     "caspr": Case(kronopt.caspr, dict(COMMON)),
     "sketchy": Case(kronopt.sketchy, dict(COMMON, rank=2),
                     LAYOUT_STATIC + ("rank",)),
+    **{f"kfac_{method}": Case(kronopt.kfac, dict(KFAC_COMMON, method=method),
+                              KFAC_STATIC, extra=kfac_stats_at)
+       for method in ("eigh", "rsvd", "brand", "brand_rsvd",
+                      "brand_corrected")},
     # SOAP: no graft (its own Adam moments). Bases from eigh at count 1 (two
     # gradients: full-rank factors, so unique bases), QR at counts 2 and 3.
     # With max_precond_dim=6, w = 8×6 rotates only its columns (split 4+2).
