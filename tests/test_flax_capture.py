@@ -326,3 +326,57 @@ def test_conv_rows_handle_unbatched_and_extra_batch_axes():
   single, _ = rows(x[0, 0], dy[0, 0])
   assert flat.shape == (2 * 3 * 16, 8)
   np.testing.assert_array_equal(np.asarray(single), np.asarray(flat[:16]))
+
+
+# --- complete training steps (the examples of kronopt.flax.nnx / .linen) ----
+
+
+def test_nnx_training_step_example():
+  model = make_nnx(NnxMlp, 5)
+  capture = kronopt.flax.nnx.KFACCapture(model)
+  optimizer = nnx.Optimizer(
+      model, kronopt.kfac(1e-2, layers=capture.layers), wrt=nnx.Param)
+
+  def loss_fn(model, x, y):
+    logits = model(x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  @nnx.jit
+  def train_step(model, optimizer, x, y):
+    loss, grads, stats = capture.value_grad_and_stats(loss_fn, model, x, y)
+    optimizer.update(model, grads, kfac_stats=stats)
+    return loss
+
+  x, y = batch(6)
+  losses = [float(train_step(model, optimizer, x, y)) for _ in range(6)]
+  assert all(b < a for a, b in zip(losses, losses[1:])), losses
+  diag = kronopt.diagnostics(optimizer.opt_state)
+  assert bool(diag["preconditioned"]) and int(diag["count"]) == 6
+
+
+def test_linen_training_step_example():
+  model = LinenMlp()
+  x, y = batch(7)
+  variables = {"params": make_linen(model, x, 8)}
+  capture = kronopt.flax.linen.KFACCapture(model, variables, x)
+  tx = kronopt.kfac(1e-2, layers=capture.layers)
+  params = variables["params"]
+  opt_state = tx.init(params)
+
+  def loss_fn(params, x, y):
+    logits = model.apply({"params": params}, x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  @jit  # jax.jit with cheap compile options (tests/fast_jit.py)
+  def train_step(params, opt_state, x, y):
+    loss, grads, stats = capture.value_grad_and_stats(loss_fn, params, x, y)
+    updates, opt_state = tx.update(grads, opt_state, params,
+                                   kfac_stats=stats)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  losses = []
+  for _ in range(6):
+    params, opt_state, loss = train_step(params, opt_state, x, y)
+    losses.append(float(loss))
+  assert all(b < a for a, b in zip(losses, losses[1:])), losses
+  assert bool(kronopt.diagnostics(opt_state)["preconditioned"])

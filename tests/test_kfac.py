@@ -241,6 +241,38 @@ def test_brand_corrected_keeps_an_orthonormal_basis_and_the_ema():
   assert int(kronopt.diagnostics(state)["refresh_failures"]) == 0
 
 
+def test_conv_and_dense_general_kernels_match_oracle():
+  """Semantic factor axes: a conv kernel (2, 2, 3, 4) with a bias has
+  factors 13 and 4, a DenseGeneral kernel (3, 2, 4, 2) contracting two
+  input axes has 6 (no bias) and 8; random statistics and gradients."""
+  shapes = {"conv": (2, 2, 3, 4), "conv_b": (4,), "gen": (3, 2, 4, 2)}
+  params = {k: jnp.zeros(v) for k, v in shapes.items()}
+  layers = {"conv": kl.conv(2, "conv_b"), "conv_b": None,
+            "gen": kl.dense_general(2, 2, None)}
+  tx = kronopt.scale_by_kfac(method="eigh", layers=layers, damping=0.1,
+                             cov_every=1, inverse_every=1)
+  oracle = ref.KFACOracle(params, {"conv": ("conv_b", (0, 1, 2), (3,)),
+                                   "gen": (None, (0, 1), (2, 3))},
+                          damping=0.1)
+  update = jit(tx.update)
+  state = tx.init(params)
+  rng = np.random.default_rng(5)
+  normal = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
+  for t in range(3):
+    grads = {k: normal(*v) for k, v in shapes.items()}
+    stats = {"conv": kl.KFACStats(normal(13, 20), normal(4, 20)),
+             "conv_b": None, "gen": kl.KFACStats(normal(6, 9), normal(8, 9))}
+    got, state = update(grads, state, params, kfac_stats=stats)
+    want = oracle.update({k: np.asarray(v) for k, v in grads.items()},
+                         np_stats(stats))
+    for k in grads:
+      err = rel_err(got[k], want[k])
+      assert err <= RTOL, f"step {t}, {k}: relative error {err:.2e}"
+  shapes_of = [g.factors[0].ema.shape[1:] + g.factors[1].ema.shape[1:]
+               for g in engine.find_states(state)[0].groups]
+  assert shapes_of == [(13, 13, 4, 4), (6, 6, 8, 8)]
+
+
 def test_nonfinite_statistics_skip_the_step():
   params = wide_params()
   tx = kronopt.scale_by_kfac(**CORRECTED)

@@ -248,22 +248,24 @@ class KFAC:
         jax.random.fold_in(base, i), factor))(ctx.index)
 
   def _refresh_factor(self, factor: KFACFactorState, ctx, which: int):
-    dec, r = factor.decomposition, factor.decomposition.values.shape[-1]
+    """The decomposition one factor gets at a refresh (module docstring)."""
+    dec, ema = factor.decomposition, factor.ema
+    rsvd = lambda: lowrank.randomized_eigh(
+        ema, dec.values.shape[-1], self._keys(ctx, which),
+        oversample=self.oversample, power_iters=self.power_iters)
     if self.method == "eigh":
-      return lowrank.from_eigh(factor.ema)
-    rsvd = lambda _: lowrank.randomized_eigh(
-        factor.ema, r, self._keys(ctx, which), oversample=self.oversample,
-        power_iters=self.power_iters)
+      return lowrank.from_eigh(ema)
     if self.method == "rsvd":
-      return rsvd(None)
-    dec = lowrank.reorthogonalize(dec)
-    if self.method == "brand_corrected":
-      return lowrank.rayleigh_ritz(dec, factor.ema, self._keys(ctx, which),
-                                   fraction=self.correction_fraction)
+      return rsvd()
     if self.method == "brand_rsvd":
       refreshes = (ctx.count - self.start) // self.inverse_every
-      return jax.lax.cond(refreshes % self.rsvd_reset_every == 0, rsvd,
-                          lambda _: dec, None)
+      return jax.lax.cond(refreshes % self.rsvd_reset_every == 0,
+                          lambda _: rsvd(),
+                          lambda _: lowrank.reorthogonalize(dec), None)
+    dec = lowrank.reorthogonalize(dec)
+    if self.method == "brand_corrected":
+      return lowrank.rayleigh_ritz(dec, ema, self._keys(ctx, which),
+                                   fraction=self.correction_fraction)
     return dec
 
   def refresh(self, state, ctx):
