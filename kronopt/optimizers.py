@@ -314,6 +314,8 @@ def kradagrad(
     b1: float = 0.9,
     b2: float = 1.0,
     epsilon: float = 1e-6,
+    damping: float = 0.0,
+    star_update: str = "frobenius",
     weight_decay: float = 0.0,
     nesterov: bool = True,
     block_size: int = 256,
@@ -335,10 +337,12 @@ def kradagrad(
   so only positive matrix powers are taken and float32 is enough. See
   :func:`kronopt.scale_by_kradagrad` for the preconditioner's arguments and
   :func:`shampoo` for the others; ``b2`` is the statistics decay of the
-  preconditioner's (1 is AdaGrad), ``graft_b2`` the graft's.
+  preconditioner's (1 is AdaGrad; ``b2 < 1`` needs ``damping > 0`` for
+  KrADagrad★), ``graft_b2`` the graft's.
   """
   direction = scale_by_kradagrad(
       variant=variant, block_size=block_size, b2=b2, epsilon=epsilon,
+      damping=damping, star_update=star_update,
       precondition_every=precondition_every,
       start_preconditioning_step=start_preconditioning_step,
       inverse_failure_threshold=inverse_failure_threshold,

@@ -1,10 +1,12 @@
-"""KrADagrad★ and KrADagrad (ALGORITHMS.md §2, §7.4).
+"""KrADagrad★ and KrADagrad (docs/algorithms.md §2, §7.4).
 
 * a dense float64 numpy oracle of both variants (its own blocking, padding,
   axis schedule and roots) against the transform, step by step;
-* the approximation-domination property of the single step;
+* the approximation-domination property of both steps (the Frobenius step
+  of §2 and the authors' serial ``trace`` step);
+* X stays bounded for β₂ < 1 with the damping step (2,000 steps);
 * the float32 claim on the ill-conditioned Kronecker quadratic;
-* a small digits MLP, against optax.adam.
+* a small digits MLP, against optax.adam (parity).
 """
 
 import math
@@ -37,17 +39,17 @@ def _sym_power(x, power):
   return (q * (np.maximum(lam, 0.0) + 1e-8) ** power) @ q.T
 
 
-def oracle_star_step(x, m, b2=1.0):
+def oracle_krad_step(x, m, b2=1.0, damping=0.0):
+  """§2: X/β₂; X − δXXᵀ; X − XMX/(1 + ‖MX‖_F); symmetrised."""
   x = x / b2 if b2 < 1 else x
-  c = np.trace(m @ x)
-  x = x - x @ m @ x / (x.shape[0] * (1.0 + c))
+  x = x - damping * x @ x.T
+  x = x - x @ m @ x / (1.0 + np.linalg.norm(m @ x))
   return (x + x.T) / 2
 
 
-def oracle_single_axis_step(x, m, b2=1.0, eps=0.0):
-  x = x / b2 if b2 < 1 else x
-  x = x - eps * x @ x.T
-  x = x - x @ m @ x / (1.0 + np.linalg.norm(x @ m))
+def oracle_trace_step(x, m):
+  """The authors' serial step: X − XMX/(d(1 + tr(MX)))."""
+  x = x - x @ m @ x / (x.shape[0] * (1.0 + np.trace(m @ x)))
   return (x + x.T) / 2
 
 
@@ -62,16 +64,20 @@ def oracle_axis(s, shape):
 class BlockOracle:
   """One block's KrAD state, in float64."""
 
-  def __init__(self, shape, variant, eps, b2):
+  def __init__(self, shape, variant, eps, b2, damping=0.0, trace=False):
     self.variant, self.eps, self.b2 = variant, eps, b2
+    self.damping, self.trace = damping, trace
     x0 = 1.0 / eps if variant == "star" else 1.0
+    p0 = x0 ** (1.0 / (2 * len(shape))) if variant == "star" else 1.0
     self.x = [x0 * np.eye(d) for d in shape]
-    self.p = [np.eye(d) for d in shape]
+    self.p = [p0 * np.eye(d) for d in shape]
 
   def update(self, g, s):
     if self.variant == "star":
-      self.x = [oracle_star_step(x, _unfold(g, i) @ _unfold(g, i).T, self.b2)
-                for i, x in enumerate(self.x)]
+      grams = [_unfold(g, i) @ _unfold(g, i).T for i in range(g.ndim)]
+      self.x = [oracle_trace_step(x, m) if self.trace
+                else oracle_krad_step(x, m, self.b2, self.damping)
+                for x, m in zip(self.x, grams)]
       return
     i = oracle_axis(s, g.shape)
     gh = g
@@ -79,7 +85,7 @@ class BlockOracle:
       if j != i:
         gh = _mode_product(gh, p, j)
     m = _unfold(gh, i) @ _unfold(gh, i).T
-    self.x[i] = oracle_single_axis_step(self.x[i], m, self.b2, self.eps)
+    self.x[i] = oracle_krad_step(self.x[i], m, self.b2, self.eps)
 
   def refresh(self):
     k = len(self.x)
@@ -95,7 +101,8 @@ class BlockOracle:
 class KradOracle:
   """scale_by_kradagrad on {name: array} gradients whose shapes need no merge."""
 
-  def __init__(self, shapes, block_size, variant, eps, b2, every, start):
+  def __init__(self, shapes, block_size, variant, eps, b2, every, start,
+               **block_kw):
     self.b, self.every, self.start, self.count = block_size, every, start, 0
     self.blocks = {}
     for name, shape in shapes.items():
@@ -104,7 +111,8 @@ class KradOracle:
       grid = [-(-d // block_size) for d in shape]
       bshape = tuple(min(block_size, d) for d in shape)
       for idx in np.ndindex(*grid):
-        self.blocks[name, idx] = BlockOracle(bshape, variant, eps, b2)
+        self.blocks[name, idx] = BlockOracle(bshape, variant, eps, b2,
+                                             **block_kw)
 
   def _block(self, g, idx):
     b = self.b
@@ -152,13 +160,16 @@ def _oracle_grads(t):
   return g
 
 
-@pytest.mark.parametrize("variant,eps", [("star", 0.1),
-                                         ("single_axis", 0.01)])
-def test_matches_float64_oracle(variant, eps):
+# β₂ = 0.9 needs KrADagrad★'s damping step: δ ≤ β₂²ε/2 = 0.0405 for ε = 0.1.
+@pytest.mark.parametrize("variant,eps,damping", [("star", 0.1, 0.02),
+                                                 ("single_axis", 0.01, 0.0)])
+def test_matches_float64_oracle(variant, eps, damping):
   kw = dict(block_size=5, b2=0.9, precondition_every=2,
             start_preconditioning_step=1)
-  tx = kronopt.scale_by_kradagrad(variant=variant, epsilon=eps, **kw)
-  oracle = KradOracle(ORACLE_SHAPES, 5, variant, eps, 0.9, 2, 1)
+  tx = kronopt.scale_by_kradagrad(variant=variant, epsilon=eps,
+                                  damping=damping, **kw)
+  oracle = KradOracle(ORACLE_SHAPES, 5, variant, eps, 0.9, 2, 1,
+                      damping=damping)
   update = jax.jit(tx.update)
   state = tx.init({k: jnp.zeros(s) for k, s in ORACLE_SHAPES.items()})
   init_structure = jax.tree_util.tree_structure(state)
@@ -213,36 +224,108 @@ def _domination_cases():
     yield x, v @ v.T, True
 
 
-@pytest.mark.parametrize("variant", ["star", "single_axis"])
-def test_domination_property(variant):
-  oracle_step = (oracle_star_step if variant == "star"
-                 else oracle_single_axis_step)
-  step = jax.jit(krad.star_step if variant == "star"
-                 else krad.single_axis_step)
+STEPS = {"frobenius": (oracle_krad_step, krad.krad_step),
+         "trace": (oracle_trace_step, krad.trace_step)}
+
+
+@pytest.mark.parametrize("form", ["frobenius", "trace"])
+def test_domination_property(form):
+  oracle_step, step = STEPS[form]
+  step = jax.jit(step)
   for x, m, aligned in _domination_cases():
     lower = np.linalg.inv(np.linalg.inv(x) + m)
     x64 = oracle_step(x, m)
     x32 = np.asarray(step(jnp.asarray(x[None], jnp.float32),
                           jnp.asarray(m[None], jnp.float32))[0], np.float64)
+    np.testing.assert_allclose(x32, x64, rtol=1e-4, atol=1e-5 * np.abs(
+        x64).max())
     for new, tol in [(x64, 1e-9), (x32, 1e-4)]:
       assert np.max(_gen_eigs(new, x)) <= 1 + tol          # X' ⪯ X
       assert np.max(_gen_eigs(lower, new)) <= 1 + tol      # (X⁻¹+M)⁻¹ ⪯ X'
       assert np.min(np.linalg.eigvalsh(new)) > 0           # X' ≻ 0
-      if variant == "single_axis" and aligned:  # Sherman–Morrison: exact
+      if form == "frobenius" and aligned:  # Sherman–Morrison: exact
         np.testing.assert_allclose(_gen_eigs(lower, new), 1.0, atol=10 * tol)
     # The step is not the identity: X' is strictly below X along M's range.
     assert np.min(_gen_eigs(x64, x)) < 1 - 1e-3
 
 
+def test_star_update_forms_against_the_oracle():
+  """KrADagrad★'s statistics (both forms, order 2 and 3, with the damping
+  step) are the oracle's; X and the roots start at (1/ε) I and ε^{-1/(2k)} I."""
+  rng = np.random.default_rng(3)
+  eps, b2, damping = 0.1, 0.9, 0.03
+  for shape in [(4, 5), (2, 3, 4)]:
+    for form in STAR_UPDATES:
+      kw = (dict(b2=b2, damping=damping) if form == "frobenius" else {})
+      pre = krad.Kradagrad(variant="star", epsilon=eps, star_update=form,
+                           **kw)
+      oracle = BlockOracle(shape, "star", eps, kw.get("b2", 1.0),
+                           kw.get("damping", 0.0), trace=form == "trace")
+      state = pre.init_group(shape, 1)
+      for x, p in zip(state.inverses + state.roots, oracle.x + oracle.p):
+        np.testing.assert_allclose(np.asarray(x[0]), p, rtol=1e-6)
+      for t in range(4):
+        g = rng.standard_normal(shape)
+        state = pre.update_statistics(state, jnp.asarray(g[None],
+                                                         jnp.float32))
+        oracle.update(g, t)
+      for x, want in zip(state.inverses, oracle.x):
+        np.testing.assert_allclose(np.asarray(x[0], np.float64), want,
+                                   rtol=2e-5, atol=2e-5 * np.abs(want).max())
+
+
+STAR_UPDATES = krad.STAR_UPDATES
+
+
+def test_damped_inverse_stays_bounded_with_decay():
+  """β₂ < 1 (docs §2): with X ← X − δXXᵀ, X stays positive definite and
+  below β₂²/(2δ) over 2,000 steps, and along the zero-padded directions,
+  which never get a gradient, it settles at the fixed point β₂(1−β₂)/δ of
+  x ← x/β₂ − δ(x/β₂)². (Without the damping step it grew as β₂⁻ᵗ and
+  overflowed float32 by step ~800; b2 < 1 with δ = 0 is now refused.)"""
+  b2, steps = 0.9, 2000
+  cases = {"star": dict(variant="star", epsilon=1e-2, damping=1e-3),
+           "single_axis": dict(variant="single_axis", epsilon=1e-2)}
+  txs = {k: kronopt.scale_by_kradagrad(
+      block_size=4, b2=b2, precondition_every=50,
+      start_preconditioning_step=0, **kw) for k, kw in cases.items()}
+  params = {"w": jnp.zeros((6, 3))}  # one 4×3 block and one padded 2(+2)×3
+
+  @jax.jit
+  def run(key):
+    def step(states, t):
+      g = {"w": jax.random.normal(jax.random.fold_in(key, t), (6, 3))}
+      return {k: tx.update(g, states[k])[1] for k, tx in txs.items()}, None
+    states = {k: tx.init(params) for k, tx in txs.items()}
+    return jax.lax.scan(step, states, jnp.arange(steps))[0]
+
+  states = run(jax.random.PRNGKey(0))
+  for name, kw in cases.items():
+    delta = kw.get("damping", kw["epsilon"]) if name == "star" else kw[
+        "epsilon"]
+    found = kronopt.engine.find_states(states[name])[0]
+    assert int(found.count) == steps and int(found.failures) == 0
+    x = np.asarray(found.groups[0].inverses[0], np.float64)  # [2, 4, 4]
+    assert np.all(np.isfinite(x)), name
+    lam = np.linalg.eigvalsh(x)
+    assert lam.min() > 0 and lam.max() <= b2 ** 2 / (2 * delta) * (1 + 1e-5)
+    np.testing.assert_allclose(x[1, 2:, 2:], b2 * (1 - b2) / delta * np.eye(2),
+                               rtol=1e-4, err_msg=name)  # padding
+  with pytest.raises(ValueError, match="damping"):
+    kronopt.scale_by_kradagrad(b2=b2)
+  with pytest.raises(ValueError, match="b2"):
+    kronopt.scale_by_kradagrad(b2=b2, star_update="trace")
+
+
 # ---------------------------------------------------------------------------
-# The float32 claim (ALGORITHMS §2) at small scale: d = 32, β₂ = 1, roots
-# every 3 steps, ε = 1e-8, SGD-norm grafting, 250 steps.
+# The float32 claim (docs §2) at small scale: d = 32, β₂ = 1, roots
+# every 3 steps, ε = 1e-8, SGD-norm grafting without momentum, 250 steps.
 
 CLAIM = dict(d=32, steps=250, every=3, eps=1e-8, lr=1e-2)
 
 
 def _claim_tx(direction):
-  return optax.chain(kronopt.graft(direction, "sgd"),
+  return optax.chain(kronopt.graft(direction, "sgd", b1=0.0),
                      optax.scale(-CLAIM["lr"]))
 
 
@@ -296,7 +379,7 @@ def _numpy_quadratic(name, h0, h1, w):
     g = 2 * h0 @ w @ h1
     grams = [g @ g.T, g.T @ g]
     if name == "kradagrad":
-      stats = [oracle_star_step(x, m) for x, m in zip(stats, grams)]
+      stats = [oracle_krad_step(x, m) for x, m in zip(stats, grams)]
     else:
       stats = [s + m for s, m in zip(stats, grams)]
     if t % CLAIM["every"] == 0:
@@ -324,6 +407,17 @@ def test_float32_claim_kradagrad_star_matches_float64(claim_runs, c):
   assert abs(loss32 - loss64) <= 0.05 * loss64, (loss32, loss64)
 
 
+def test_float32_claim_kradagrad_star_improves_on_shampoo_float32(claim_runs):
+  """The paper's claim: at condition 1e8 KrADagrad★ in float32 ends below
+  Shampoo in float32 (here ≈ 2.9 against 11.7, with 84 rejected roots), and
+  its advantage grows with the condition (at 1e4 it is still behind:
+  ≈ 7.0 against 5.1)."""
+  ratio = {c: claim_runs[c]["kradagrad32"][0] / claim_runs[c]["shampoo32"][0]
+           for c in (4, 8)}
+  assert ratio[8] < 0.5, ratio
+  assert ratio[8] < 0.5 * ratio[4], ratio
+
+
 @pytest.mark.parametrize("c", [4, 8])
 def test_float32_claim_shampoo_breaks_in_float32(claim_runs, c):
   r = claim_runs[c]
@@ -337,9 +431,11 @@ def test_float32_claim_shampoo_breaks_in_float32(claim_runs, c):
 # Training and contracts.
 
 
-# Learning rates tuned on the grid {1e-2, 3e-2, 1e-1, 3e-1} at 200 full-batch
-# steps: adam is best at 1e-1 (final loss ≈ 2.8e-4; 3e-2: 1.4e-3, 3e-1:
-# 3.9e-4); kradagrad (Adam grafting, Nesterov momentum) reaches ≈ 6e-6 at 1e-1.
+# Learning rates tuned at 200 full-batch steps with the one-momentum chain:
+# adam on {3e-2, 1e-1, 3e-1} is best at 1e-1 (final loss ≈ 2.8e-4); both
+# variants on {3e-3, 1e-2, 3e-2, 1e-1} are best at 1e-1 (★ ≈ 3.1e-4,
+# single-axis ≈ 2.7e-4). Full-batch digits is easy for Adam: the claim here
+# is parity (within 1.5×); generalization is the autoencoder reproduction's.
 DIGITS_STEPS = 200
 
 
@@ -349,12 +445,12 @@ def adam_digits_loss():
 
 
 @pytest.mark.parametrize("variant", ["star", "single_axis"])
-def test_digits_mlp_beats_adam(adam_digits_loss, variant):
+def test_digits_mlp_matches_adam(adam_digits_loss, variant):
   tx = kronopt.kradagrad(1e-1, variant=variant, block_size=64,
                          precondition_every=5, start_preconditioning_step=1)
   _, loss, state = problems.train_digits(tx, DIGITS_STEPS)
   assert int(kronopt.diagnostics(state)["refresh_failures"]) == 0
-  assert float(loss) < 0.1 * adam_digits_loss, (float(loss), adam_digits_loss)
+  assert float(loss) < 1.5 * adam_digits_loss, (float(loss), adam_digits_loss)
 
 
 @pytest.mark.parametrize("kwargs,name", [
@@ -363,6 +459,16 @@ def test_digits_mlp_beats_adam(adam_digits_loss, variant):
     (dict(b2=1.5), "b2"),
     (dict(epsilon=0.0), "epsilon"),
     (dict(variant="single_axis", epsilon=1.0), "epsilon"),
+    (dict(variant="single_axis", b2=0.9, epsilon=0.5), "epsilon"),
+    (dict(variant="single_axis", damping=0.1), "damping"),
+    (dict(star_update="both"), "star_update"),
+    (dict(damping=-1.0), "damping"),
+    (dict(epsilon=1e-3, damping=1e-3), "damping"),   # X − δX² ≤ 0 at X = I/ε
+    (dict(b2=0.9), "damping"),                       # unbounded without it
+    (dict(b2=0.5, damping=1e-9), "b2"),
+    (dict(b2=0.9, epsilon=1e-3, damping=1e-3), "damping"),
+    (dict(star_update="trace", b2=0.9), "b2"),
+    (dict(star_update="trace", damping=1e-9), "damping"),
     (dict(block_size=1), "block_size"),
     (dict(precondition_every=0), "precondition_every"),
     (dict(inverse_failure_threshold=0.0), "inverse_failure_threshold"),
