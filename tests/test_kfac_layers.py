@@ -50,6 +50,12 @@ def test_masked_kernels_are_skipped_and_masked_biases_not_folded():
   assert ("nobias", "kernel") not in resolved
   dense = resolved[("dense", "kernel")]
   assert dense.bias is None and dense.d_a == 5
+  # The statistics still carry the bias row (the capture appends it): it is
+  # dropped, leaving the kernel's own factor E[x xᵀ].
+  stats = stats_for(params())
+  (got,) = [s for r, s in zip(resolved.values(), kl.align_stats(
+      p, list(resolved.values()), stats)) if r.key == ("dense", "kernel")]
+  np.testing.assert_array_equal(got.a, stats["dense"]["kernel"].a[:5])
 
 
 @pytest.mark.parametrize("layers,match", [

@@ -200,6 +200,9 @@ class ResolvedLayer(NamedTuple):
     shape: the kernel's shape.
     d_a: rows of the block (input features, plus 1 with a bias).
     d_g: columns of the block (output features).
+    stats_rows: rows of the statistics ``Â`` (``d_a``, or ``d_a + 1`` when
+      the spec folds in a bias that is masked out: the capture still
+      appends its row of ones, which is then dropped).
   """
   spec: KFACLayer
   key: tuple
@@ -208,6 +211,7 @@ class ResolvedLayer(NamedTuple):
   shape: tuple
   d_a: int
   d_g: int
+  stats_rows: int = 0
 
 
 def _is_spec(x) -> bool:
@@ -267,7 +271,8 @@ def resolve(params, layers=None) -> list[ResolvedLayer]:
         bias = index[bias_key]
     out.append(ResolvedLayer(spec, key, index[key], bias,
                              tuple(kernel.shape),
-                             d_in + (bias is not None), d_out))
+                             d_in + (bias is not None), d_out,
+                             d_in + (spec.bias is not None)))
   return out
 
 
@@ -337,15 +342,16 @@ def align_stats_flat(flat, layers: Sequence[ResolvedLayer], kfac_stats):
           "when building the optimizer.")
     layer = registered[key]
     a, g = stats
-    if (a.ndim != 2 or g.ndim != 2 or a.shape[0] != layer.d_a
+    rows = layer.stats_rows or layer.d_a
+    if (a.ndim != 2 or g.ndim != 2 or a.shape[0] != rows
         or g.shape[0] != layer.d_g or a.shape[1] != g.shape[1]):
-      bias = "with" if layer.bias is not None else "without"
+      bias = "with" if layer.spec.bias is not None else "without"
       raise ValueError(
           f"kfac_stats at {_where(key)}: a{tuple(a.shape)}, "
-          f"g{tuple(g.shape)}; expected a[{layer.d_a}, n] (input features "
+          f"g{tuple(g.shape)}; expected a[{rows}, n] (input features "
           f"{bias} the bias row) and g[{layer.d_g}, n] for the kernel of "
           f"shape {layer.shape}.")
-    found[key] = stats
+    found[key] = stats if rows == layer.d_a else KFACStats(a[:layer.d_a], g)
   return [found.get(layer.key) for layer in layers]
 
 
