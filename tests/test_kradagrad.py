@@ -99,7 +99,7 @@ class BlockOracle:
 
 
 class KradOracle:
-  """scale_by_kradagrad on {name: array} gradients whose shapes need no merge."""
+  """scale_by_kradagrad on {name: array} gradients (shapes need no merge)."""
 
   def __init__(self, shapes, block_size, variant, eps, b2, every, start,
                **block_kw):
@@ -346,8 +346,8 @@ def claim_runs():
     out[c] = {"init": float(np.sum(w0 * (h0 @ w0 @ h1)))}
     for name, runner in runners.items():
       loss, state = runner(*(jnp.asarray(a, jnp.float32) for a in (w0, h0, h1)))
-      out[c][name + "32"] = (float(loss),
-                             int(kronopt.diagnostics(state)["refresh_failures"]))
+      failures = int(kronopt.diagnostics(state)["refresh_failures"])
+      out[c][name + "32"] = (float(loss), failures)
       out[c][name + "64"] = _numpy_quadratic(name, h0, h1, w0)
   return out
 

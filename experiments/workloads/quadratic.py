@@ -12,7 +12,7 @@ minimum is ``f(0) = 0``, so the held-out loss is ``f`` itself.
 import jax
 import jax.numpy as jnp
 
-from experiments import kradagrad_synthetic
+from experiments.reproduce import problems
 from experiments.workloads import base
 
 
@@ -32,7 +32,7 @@ class KroneckerQuadratic(base.Workload):
 
   def loss(self, params, batch):
     del batch
-    return kradagrad_synthetic.quadratic_loss(params["w"], self.h0, self.h1)
+    return problems.quadratic_loss(params["w"], self.h0, self.h1)
 
   def evaluate(self, params):
     return {"loss": self.loss(params, None)}
@@ -47,6 +47,6 @@ def make(d: int = 64, c: float = 3.0, problem_seed: int = 0
     raise ValueError(f"d={d} is out of range; expected an integer >= 2.")
   if not c > 0:
     raise ValueError(f"c={c} is out of range; expected a number > 0.")
-  h0, h1, _ = kradagrad_synthetic.kronecker_quadratic(d, c, problem_seed)
+  h0, h1, _ = problems.kronecker_quadratic(d, c, problem_seed)
   return KroneckerQuadratic(jnp.asarray(h0, jnp.float32),
                             jnp.asarray(h1, jnp.float32))
