@@ -282,6 +282,10 @@ def sketchy(
     graft_b2: float = 0.999,
     statistics_every: int = 1,
     max_precond_dim: Optional[int] = None,
+    fd_method: str = "randomized",
+    fd_oversample: Optional[int] = None,
+    fd_power_iters: int = 1,
+    seed: int = 0,
     weight_decay_mask: Any = None,
     shard_axis=None,
     mesh=None,
@@ -300,6 +304,8 @@ def sketchy(
       relative_epsilon=relative_epsilon,
       inverse_failure_threshold=inverse_failure_threshold,
       statistics_every=statistics_every, max_precond_dim=max_precond_dim,
+      fd_method=fd_method, fd_oversample=fd_oversample,
+      fd_power_iters=fd_power_iters, seed=seed,
       shard_axis=shard_axis, mesh=mesh)
   return chain_after_direction(
       direction, learning_rate, b1=b1, nesterov=nesterov,

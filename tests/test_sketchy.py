@@ -1,4 +1,5 @@
-"""Sketchy (ALGORITHMS.md §5): dense float64 oracle, §7.6, memory, training."""
+"""Sketchy (docs/algorithms.md §5): dense float64 oracle, §7.6, memory,
+extreme gradients, training."""
 
 import math
 
@@ -11,6 +12,7 @@ import pytest
 
 import kronopt
 from kronopt import layout
+from kronopt.linalg import sketch as sketch_lib
 
 # Parameters whose merged shapes equal their shapes (no merging), so that the
 # oracle's blocking is plain zero-padding: w is cut into 6×6 blocks (padded),
@@ -135,7 +137,7 @@ def run_tx(tx, steps=STEPS, grads_fn=grads_at):
 
 
 ORACLE_ARGS = dict(rank=3, b2=0.9, epsilon=1e-3, precondition_every=2,
-                   start_preconditioning_step=1)
+                   start_preconditioning_step=1, fd_method="exact")
 
 
 @pytest.fixture(scope="module")
@@ -219,6 +221,110 @@ def test_non_finite_gradient_leaves_sketch_unchanged(oracle_run):
              for x in jax.tree_util.tree_leaves(updates))
 
 
+def test_randomized_matches_the_oracle_on_a_low_rank_stream():
+  """The range step inside the engine (per-block keys): a stream of rank
+  2 < k is sketched exactly, so the default method gives the oracle's
+  (exact FD) direction."""
+  shapes = {"w": (40, 32)}
+  params = {"w": jnp.zeros(shapes["w"], jnp.float32)}
+  rng = np.random.default_rng(4)
+  left, right = rng.standard_normal((40, 2)), rng.standard_normal((2, 32))
+  grads = lambda t: {"w": left @ np.random.default_rng(t).standard_normal(
+      (2, 2)) @ right}
+  assert sketch_lib.uses_range_step(40, 4, 32, 4)
+  assert sketch_lib.uses_range_step(32, 4, 40, 4)
+  tx = kronopt.scale_by_sketchy(
+      rank=4, block_size=40, b2=0.9, epsilon=1e-3, fd_oversample=4,
+      precondition_every=1, start_preconditioning_step=1)
+  ref = NumpySketchy(shapes, rank=4, bs=40, b2=0.9, epsilon=1e-3, every=1,
+                     start=1)
+  update, state = jax.jit(tx.update), tx.init(params)
+  for t in range(4):
+    u, state = update(as_jax(grads(t)), state, params)
+    want = ref.update(grads(t))["w"]
+    np.testing.assert_allclose(np.asarray(u["w"]), want,
+                               atol=2e-4 * np.abs(want).max())
+
+
+# ---------------------------------------------------------------- extremes
+
+
+CHAIN_PARAMS = {"w": (10, 7)}  # one matrix: a smaller chain to compile
+
+
+@pytest.fixture(scope="module")
+def chain():
+  """The ready-made chain and Adam with its graft's settings, jitted."""
+  tx = kronopt.sketchy(1.0, rank=3, block_size=BLOCK,
+                       start_preconditioning_step=0)
+  adam = optax.adam(1.0, b1=0.9, b2=0.999, eps=1e-8, nesterov=True)
+  return tx, jax.jit(tx.update), adam, jax.jit(adam.update)
+
+
+def test_overflowing_gradient_is_skipped_and_counted(oracle_run):
+  """A 1e25 entry squares past float32: the step is skipped and counted,
+  no state changes (so one spike does not take over the preconditioner)."""
+  _, state, _, update = oracle_run
+  bad = grads_at(0)
+  bad["w"][2, 3] = 1e25
+  updates, new_state = update(as_jax(bad), state, zeros_params())
+  for leaf in jax.tree_util.tree_leaves(updates):
+    np.testing.assert_array_equal(np.asarray(leaf), 0.0)
+  assert int(new_state.overflows) == int(state.overflows) + 1
+  chex.assert_trees_all_equal(new_state._replace(overflows=0),
+                              state._replace(overflows=0))
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e-20, 1e17, 1e20, 1e30])
+def test_extreme_gradients_take_adams_step(chain, scale):
+  """Finite updates: Adam's norm on a step taken, 0 on a skipped one.
+
+  A step is skipped (and counted) when Shampoo's statistic
+  ``(1−β₂)(σ₁² + ρ)`` exceeds float32: always at 1e30, for some steps at
+  1e20 (a 6×6 block of these gradients has ``(1−β₂) σ₁² ≈ 4e38`` there);
+  Adam's own update is then 0 on every entry whose square overflows.
+  """
+  tx, update, adam, adam_update = chain
+  params = {"w": jnp.zeros(CHAIN_PARAMS["w"], jnp.float32)}
+  state, adam_state = tx.init(params), adam.init(params)
+  skips = []
+  for t in range(3):
+    g = as_jax({"w": scale * grads_at(t)["w"]})
+    before = int(kronopt.engine.find_states(state)[0].overflows)
+    u, state = update(g, state, params)
+    want, next_adam = adam_update(g, adam_state, params)
+    skips.append(int(kronopt.engine.find_states(state)[0].overflows) > before)
+    got = np.asarray(u["w"], np.float64)
+    adam_u = np.asarray(want["w"], np.float64)
+    assert np.all(np.isfinite(got))
+    if skips[-1]:  # Adam is compared on the steps the chain takes
+      np.testing.assert_array_equal(got, 0.0)
+      big = np.abs(np.asarray(g["w"], np.float64)) > 2e19
+      np.testing.assert_array_equal(adam_u[big], 0.0)
+    else:
+      np.testing.assert_allclose(np.linalg.norm(got), np.linalg.norm(adam_u),
+                                 rtol=1e-4)
+      adam_state = next_adam
+  if scale < 1e18:
+    assert not any(skips)
+  if scale > 1e25:
+    assert all(skips)
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e-20, 1e15])
+def test_direction_is_scale_free(oracle_run, scale):
+  """``s·G`` gives ``G``'s direction (times ``s`` where not preconditioned)."""
+  outs, _, state, update = oracle_run
+  for t in range(STEPS):
+    g = jax.tree_util.tree_map(lambda x: scale * x, grads_at(t))
+    u, state = update(as_jax(g), state, zeros_params())
+    for name in PARAMS:
+      factor = scale if t < 1 or name == "b" else 1.0
+      want = outs[t][name] * factor
+      np.testing.assert_allclose(np.asarray(u[name], np.float64), want,
+                                 atol=1e-4 * np.abs(want).max())
+
+
 # ---------------------------------------------------------------- memory
 
 
@@ -233,7 +339,7 @@ ENGINE_SCALAR_BYTES = 4 + 4 + 4 + 4 + 4 + 1
 
 
 def formula_bytes(params, rank, block_size):
-  """Per block and axis: U, σ, ρ and the cached root U, a, t in float32."""
+  """Per block and axis: U, σ, √ρ and the cached root U, a, t in float32."""
   lay = layout.make_layout(params, block_size)
   total = 0
   for shape, n in zip(lay.group_shapes, lay.group_sizes):
@@ -274,7 +380,9 @@ def test_rank_64_on_4096_layer_is_under_an_eighth_of_shampoo():
     (dict(rank=0), "rank"), (dict(rank=2.5), "rank"), (dict(b2=0.0), "b2"),
     (dict(b2=1.5), "b2"), (dict(epsilon=-1.0), "epsilon"),
     (dict(precondition_every=0), "precondition_every"),
-    (dict(block_size=1), "block_size"),
+    (dict(block_size=1), "block_size"), (dict(fd_method="svd"), "fd_method"),
+    (dict(fd_oversample=0), "fd_oversample"),
+    (dict(fd_power_iters=-1), "fd_power_iters"), (dict(seed=-1), "seed"),
 ])
 def test_bad_hyperparameters_raise(kwargs, name):
   with pytest.raises(ValueError, match=name):
