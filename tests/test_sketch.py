@@ -121,7 +121,7 @@ def test_fd_update_surfaces_non_finite_block():
 
 
 def test_fd_update_surfaces_overflowing_statistic():
-  """σ₁² + ρ beyond float32 (a 1e25 entry) is NaN; 1e18 is representable."""
+  """(1−β₂)(σ₁² + ρ) beyond float32 (a 1e25 entry) is NaN; 1e17 is not."""
   g = np.array(gradients(seed=5, steps=1)[0], np.float32)
   g[0, 2, 1] = 1e25
   g[1] *= 1e17
