@@ -25,7 +25,10 @@ plain Gram ``M = G_(i) G_(i)ᵀ`` (not preconditioned along the other axes):
     direction:  D = G ×_1 P_1 ×_2 … ×_k P_k            (P_L G P_R for k = 2)
 
 ``ε`` plays the part of Shampoo's initial statistic ``εI`` and ``δ``
-(``damping``) adds ``δI`` to the statistic every step (to first order). With
+(``damping``) adds ``δI`` to the statistic every step (to first order); the
+two are separate because ``X − δX²`` at ``X = I/ε`` is ``0`` for ``δ = ε``
+(as in the authors' batched code path, which starts ``X`` at ``I/ε`` and
+damps with the same ``ε``), so ``δ < ε``. With
 ``star_update="trace"`` the step is instead the authors' serial code path
 (their ``KrADPreconditioner.add_statistics``, which their synthetic notebook
 ran): ``X_i ← sym(X_i − X_i M X_i / (d_i (1 + tr(M X_i))))``, no damping step.
