@@ -41,9 +41,11 @@ guards it, applies the preconditioner and lays the direction back out:
   gradient there while it preconditions the bias-corrected first moment,
   docs/algorithms.md §0 "One momentum"), else from ``updates``.
 * A step whose gradient (or auxiliary input) has a non-finite entry, or whose
-  statistics would become non-finite, is *skipped*: no state changes except
-  its counter (``skipped`` or ``overflows``), ``count`` does not advance and
-  the direction is zero. :func:`step_taken` tells the rest of a chain.
+  statistics would become non-finite (the algorithm's, or those of the
+  transform around the engine, reported as :data:`STATISTICS_FINITE`), is
+  *skipped*: no state changes except its counter (``skipped`` or
+  ``overflows``), ``count`` does not advance and the direction is zero.
+  :func:`step_taken` tells the rest of a chain.
 * A refreshed block whose candidate state is non-finite or whose residual
   exceeds ``inverse_failure_threshold`` is rejected: the block keeps its
   previous state and the rejection is counted in ``failures``.
@@ -63,7 +65,6 @@ from typing import Any, Callable, NamedTuple, Optional, Protocol
 import chex
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from kronopt import checks
@@ -72,6 +73,12 @@ from kronopt import sharding as sharding_lib
 
 STATISTICS_GRADIENT = "statistics_gradient"
 """Extra-argument name of the tree the statistics are computed from."""
+
+STATISTICS_FINITE = "kronopt_statistics_finite"
+"""Extra-argument name of a scalar bool from a transform around the engine
+(the graft's second moment, SOAP's Adam moments): False when its own
+statistics would become non-finite this step, which then counts as an
+overflow and is skipped like the engine's own."""
 
 REPORT_COVERED = "kronopt_report_covered"
 """Extra-argument name of a callback ``f(treedef, covered)`` called at trace
@@ -160,11 +167,18 @@ def step_taken(old_state, new_state) -> Optional[jax.Array]:
   return new[0].count != old[0].count
 
 
+def _type_spec(x):
+  """The partition spec in ``x``'s type (Explicit mesh axes), or ``None``."""
+  return getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+
+
 def _stacks_by_shape(leaves):
-  """``(indices, stack)`` per distinct (shape, dtype) among ``leaves``."""
+  """``(indices, stack)`` per distinct (shape, dtype, type sharding) among
+  ``leaves`` (leaves sharded differently over Explicit mesh axes cannot be
+  stacked)."""
   by_shape: dict = {}
   for i, x in enumerate(leaves):
-    by_shape.setdefault((x.shape, x.dtype), []).append(i)
+    by_shape.setdefault((x.shape, x.dtype, _type_spec(x)), []).append(i)
   return [(idx, jnp.stack([leaves[i] for i in idx]))
           for idx in by_shape.values()]
 
@@ -184,9 +198,111 @@ def per_leaf_reduce(fn, leaves) -> list:
   return out
 
 
+def is_float_leaf(x) -> bool:
+  """Whether ``x`` is a floating (or complex) array: not an integer, bool or
+  ``float0`` one (the gradient of an integer, ``jax.grad(allow_int=True)``)."""
+  if isinstance(x, optax.MaskedNode):
+    return False
+  dtype = getattr(x, "dtype", None)
+  if dtype is None:
+    dtype = jnp.result_type(x)  # a Python number
+  return dtype != jax.dtypes.float0 and jnp.issubdtype(dtype, jnp.inexact)
+
+
 def _inexact_leaves(tree) -> list:
-  return [x for x in jax.tree_util.tree_leaves(tree)
-          if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+  return [x for x in jax.tree_util.tree_leaves(tree) if is_float_leaf(x)]
+
+
+def _is_masked(x) -> bool:
+  return isinstance(x, optax.MaskedNode)
+
+
+def _masked_where(tree, keep):
+  """``tree`` with ``optax.MaskedNode`` wherever ``keep`` (per leaf) is
+  False."""
+  leaves, treedef = jax.tree_util.tree_flatten(tree, is_leaf=_is_masked)
+  return treedef.unflatten([x if k else optax.MaskedNode()
+                            for x, k in zip(leaves, keep)])
+
+
+def _float_flags(*trees) -> list:
+  """Per leaf of the first tree: whether it, and the matching leaf of every
+  other tree given (``None`` skipped), is a floating array."""
+  first, treedef = jax.tree_util.tree_flatten(trees[0], is_leaf=_is_masked)
+  flags = [_is_masked(x) or is_float_leaf(x) for x in first]
+  for other in trees[1:]:
+    if other is None:
+      continue
+    try:
+      leaves = treedef.flatten_up_to(other)
+    except (ValueError, TypeError):
+      continue  # another tree: the transform itself reports it
+    flags = [f and (_is_masked(y) or is_float_leaf(y))
+             for f, y in zip(flags, leaves)]
+  return flags
+
+
+def _zero_update(u, p):
+  """The update of a leaf that is not floating: zeros like ``u``, in the
+  parameter's dtype for a ``float0`` gradient (``optax.apply_updates`` can
+  add that, not a ``float0``)."""
+  if u.dtype == jax.dtypes.float0 and p is not None and not _is_masked(p):
+    return jnp.zeros(u.shape, jnp.result_type(p))
+  return jnp.zeros_like(u)
+
+
+def float_leaves_only(inner: optax.GradientTransformation
+                      ) -> optax.GradientTransformationExtraArgs:
+  """``inner`` on the floating leaves only; the others get zero updates.
+
+  Integer and bool parameters, and the ``float0`` gradients
+  ``jax.grad(..., allow_int=True)`` gives them, reach ``inner`` as
+  ``optax.MaskedNode`` (so they have no state there) and come back as zeros
+  (:func:`_zero_update`). A tree of floating leaves only passes through
+  unchanged, so nesting this wrapper costs nothing.
+  """
+  inner = optax.with_extra_args_support(inner)
+
+  def init_fn(params):
+    return inner.init(_masked_where(params, _float_flags(params)))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    flags = _float_flags(updates, params)
+    if all(flags):
+      return inner.update(updates, state, params, **extra_args)
+    masked_params = None if params is None else _masked_where(params, flags)
+    out, state = inner.update(_masked_where(updates, flags), state,
+                              masked_params, **extra_args)
+    u_leaves, treedef = jax.tree_util.tree_flatten(updates,
+                                                   is_leaf=_is_masked)
+    p_leaves = ([None] * len(u_leaves) if params is None
+                else treedef.flatten_up_to(params))
+    o_leaves = treedef.flatten_up_to(out)
+    return treedef.unflatten([
+        o if f else _zero_update(u, p)
+        for o, u, p, f in zip(o_leaves, u_leaves, p_leaves, flags)]), state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def check_real(tree, what: str):
+  """A clear error for complex leaves of the ``what`` (parameters, updates).
+
+  Kronecker statistics here are real (``G Gᵀ``, not ``G Gᴴ``): a complex
+  parameter would silently lose its imaginary part.
+  """
+  leaves, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_masked)
+  bad = [f"{jax.tree_util.keystr(path) or '<root>'} "
+         f"({jnp.result_type(x).name})"
+         for path, x in leaves if is_float_leaf(x)
+         and jnp.issubdtype(jnp.result_type(x), jnp.complexfloating)]
+  if bad:
+    raise ValueError(
+        f"The {what} have complex leaves: {', '.join(bad)}. kronopt's "
+        "preconditioners support real floating dtypes only (float32, "
+        "bfloat16, float16, float64); optimise the real and imaginary parts "
+        "as separate real parameters, or give complex leaves another "
+        "optimizer with optax.partition.")
 
 
 def tree_all_finite(tree) -> jax.Array:
@@ -262,34 +378,43 @@ def refresh_chunk(refresh, state, ctx: GroupContext, phase, chunks: int):
   return jax.lax.cond(lo < n, run, lambda _: no_change, None)
 
 
-def refresh_per_shard(precond: Preconditioner, shard, state,
-                      ctx: GroupContext, phase=None, chunks: int = 1):
-  """``precond.refresh`` run by each device on its own blocks only.
+def on_local_blocks(shard, fn, state, ctx: GroupContext, *arrays):
+  """``fn(state, ctx, *arrays)`` run by each device on its own blocks only.
 
-  The block axis ``N`` (sharded over ``shard.size()`` devices) is split into
-  ``[size, N/size]`` and the refresh is vmapped over the sharded axis, so each
-  device decomposes its ``N/size`` blocks; the CPU path of
-  :mod:`kronopt.linalg.lapack`, which loops over the unsharded axis, then
-  stays local too. With ``chunks > 1`` (the staggered refresh) each device
-  refreshes only the ``phase``-th chunk of its blocks
-  (:func:`refresh_chunk`).
+  The block axis ``N`` of ``state``, ``ctx`` and ``arrays`` (sharded over
+  ``shard.size()`` devices) is split into ``[size, N/size]`` and ``fn`` is
+  vmapped over the sharded axis, so each device computes on its ``N/size``
+  blocks. The CPU path of :mod:`kronopt.linalg.lapack`, which loops over the
+  unsharded axis, then stays local too (and a loop over an axis sharded over
+  Explicit mesh axes, which JAX refuses, never happens). Without sharding
+  this is ``fn`` itself.
   """
   size = shard.size()
-  local = precond.refresh
-  if chunks > 1:
-    local = lambda st, c: refresh_chunk(precond.refresh, st, c, phase, chunks)
   if size == 1:
-    return local(state, ctx)
+    return fn(state, ctx, *arrays)
   split = lambda x: jnp.reshape(x, (size, x.shape[0] // size) + x.shape[1:])
   merge = lambda x: jnp.reshape(x, (-1,) + x.shape[2:])
-  blocked = (state, ctx.index, ctx.real, ctx.aux)
+  blocked = (state, ctx.index, ctx.real, ctx.aux, arrays)
   parts = shard.constrain_tree(jax.tree_util.tree_map(split, blocked), size)
 
-  def one_device(st, index, real, aux):
-    return local(st, ctx._replace(index=index, real=real, aux=aux))
+  def one_device(st, index, real, aux, arrs):
+    return fn(st, ctx._replace(index=index, real=real, aux=aux), *arrs)
 
   out = jax.vmap(one_device)(*parts)
   return jax.tree_util.tree_map(merge, shard.constrain_tree(out, size))
+
+
+def refresh_per_shard(precond: Preconditioner, shard, state,
+                      ctx: GroupContext, phase=None, chunks: int = 1):
+  """``precond.refresh`` run by each device on its own blocks only
+  (:func:`on_local_blocks`). With ``chunks > 1`` (the staggered refresh)
+  each device refreshes only the ``phase``-th chunk of its blocks
+  (:func:`refresh_chunk`).
+  """
+  local = precond.refresh
+  if chunks > 1:
+    local = lambda st, c: refresh_chunk(precond.refresh, st, c, phase, chunks)
+  return on_local_blocks(shard, local, state, ctx)
 
 
 def guarded_refresh(precond: Preconditioner, groups, ctxs, threshold,
@@ -482,6 +607,7 @@ def preconditioner_transform(
         residual=jnp.zeros([], jnp.float32))
 
   def init_fn(params):
+    check_real(params, "parameters given to init")
     return init_state(layout_fn(params, {}))
 
   def contexts(lay, count, aux):
@@ -508,6 +634,7 @@ def preconditioner_transform(
 
   def update_fn(updates, state, params=None, **extra_args):
     del params
+    check_real(updates, "updates given to update")
     lay = layout_fn(updates, extra_args)
     expected = jax.eval_shape(lambda: init_state(lay))
     _check_state_matches(lay, state.groups, expected.groups)
@@ -529,7 +656,8 @@ def preconditioner_transform(
         for g, n in zip(gs, lay.group_sizes))
 
     def stepped_statistics(gs):
-      return tuple(precond.update_statistics(s, g, c)
+      local = lambda st, c, g: precond.update_statistics(st, g, c)
+      return tuple(on_local_blocks(shard, local, s, c, g)
                    for s, g, c in zip(gs, stat_blocks, ctxs))
 
     if isinstance(statistics_every, int) and statistics_every == 1:
@@ -538,6 +666,7 @@ def preconditioner_transform(
       stepped = jax.lax.cond(count % statistics_every == 0,
                              stepped_statistics, lambda gs: gs, old_groups)
     stats_finite = tree_all_finite(_changed_leaves(stepped, old_groups))
+    stats_finite &= jnp.asarray(extra_args.get(STATISTICS_FINITE, True))
     taken = finite & stats_finite
     groups = constrain_groups(tree_select(taken, stepped, old_groups))
 
@@ -581,4 +710,5 @@ def preconditioner_transform(
     )
     return out, keep_float_dtypes(new_state, given)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return float_leaves_only(
+      optax.GradientTransformationExtraArgs(init_fn, update_fn))

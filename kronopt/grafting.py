@@ -22,8 +22,9 @@ precondition (rank ≤ 1 after squeezing, and any the direction reports as
 uncovered) and every parameter before the direction's
 ``start_preconditioning_step`` take ``U_g`` itself: with ``"adam"`` that is
 exactly ``optax.adam``'s update. A step the direction skips (non-finite
-gradient or statistics, see :func:`kronopt.engine.step_taken`) leaves the
-moments untouched and returns a zero update.
+gradient or statistics, see :func:`kronopt.engine.step_taken`; a finite
+gradient whose ``ν`` would overflow counts as overflowing statistics) leaves
+the moments untouched and returns a zero update.
 """
 
 from typing import Any, NamedTuple, Optional, Union
@@ -77,7 +78,7 @@ def _norms(x):
   """
   x = x.astype(jnp.float32)
   axes = tuple(range(1, x.ndim))
-  s = jnp.max(jnp.abs(x), axis=axes)
+  s = jnp.max(jnp.abs(x), axis=axes, initial=0.0)  # 0 for empty leaves
   safe = jnp.where(s > 0, s, 1.0)
   scaled = x / jnp.reshape(safe, s.shape + (1,) * (x.ndim - 1))
   return s * jnp.sqrt(jnp.sum(jnp.square(scaled), axis=axes))
@@ -88,6 +89,27 @@ def _graft_scales(d_leaves, u_leaves):
   d_norms = engine.per_leaf_reduce(_norms, d_leaves)
   u_norms = engine.per_leaf_reduce(_norms, u_leaves)
   return [u / jnp.maximum(dn, TINY) for dn, u in zip(d_norms, u_norms)]
+
+
+def moment_dtype(dtype):
+  """The dtype the graft keeps moments in and computes in for parameters of
+  ``dtype``: float32 for float16 (whose ``ε = 1e-8`` is 0 and whose squares
+  of gradients below ~2.4e-4 underflow, so ``m̂/(√v̂+ε)`` is 0/0 or x/0:
+  NaN or inf on the first step, as with ``optax.adam``), else ``dtype``."""
+  return jnp.float32 if jnp.dtype(dtype) == jnp.float16 else dtype
+
+
+def _widened(tree):
+  """``tree`` with its float16 leaves in float32 (see :func:`moment_dtype`)."""
+  return jax.tree_util.tree_map(
+      lambda x: x.astype(moment_dtype(x.dtype)), tree)
+
+
+def _zeros_like(tree, dtype=None):
+  """Zeros like ``tree`` in ``dtype``, or per leaf in :func:`moment_dtype`."""
+  return jax.tree_util.tree_map(
+      lambda x: jnp.zeros_like(x, dtype or moment_dtype(jnp.result_type(x))),
+      tree)
 
 
 def _second_moment(kind, b2):
@@ -184,7 +206,10 @@ def graft(direction: optax.GradientTransformation,
     b2: second-moment decay of ``"adam"`` / ``"rmsprop"``, in ``[0, 1)``.
     eps: ``ε`` of the string magnitudes, ``> 0``.
     nesterov: Nesterov's form of ``m̂`` (as optax's adam).
-    mu_dtype: dtype of the first moment (``None``: the parameters').
+    mu_dtype: dtype of the first moment (``None``: the parameters', float32
+      for float16 parameters). Float16 parameters are computed on in float32
+      and their moments kept in float32 (:func:`moment_dtype`); their
+      updates are float16.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with a :class:`GraftState`.
@@ -201,30 +226,38 @@ def graft(direction: optax.GradientTransformation,
     d_state = direction.init(params)
     own_count = () if engine.find_states(d_state) else jnp.zeros([], jnp.int32)
     return GraftState(
-        mu=optax.tree.zeros_like(params, dtype=mu_dtype),
-        nu=optax.tree.zeros_like(params) if nu_update else (),
+        mu=_zeros_like(params, mu_dtype),
+        nu=_zeros_like(params) if nu_update else (),
         direction=d_state,
         magnitude=custom.init(params) if custom else (),
         graft_count=own_count)
 
   def update_fn(updates, state, params=None, **extra_args):
     engine.check_tree_matches(state.mu, updates, "first moment")
+    given = updates
+    updates = _widened(updates)
     engines = engine.find_states(state.direction)
     count = engines[0].count if engines else state.graft_count
     count = optax.safe_int32_increment(jnp.asarray(count, jnp.int32))
     mu, mu_hat = filtered_gradient(updates, state.mu, count, b1, nesterov)
 
+    # ν of a finite gradient overflows above ~1.8e19 (G² > 3.4e38 in
+    # float32) and would stay inf: such a step is skipped like one whose
+    # preconditioner statistics overflow.
+    nu = () if nu_update is None else nu_update(state.nu, updates)
+    own_finite = engine.tree_all_finite(nu) & jnp.asarray(
+        extra_args.get(engine.STATISTICS_FINITE, True))
     reports = []
     d, d_state = direction.update(
         mu_hat, state.direction, params,
         **{**extra_args, engine.STATISTICS_GRADIENT: updates,
+           engine.STATISTICS_FINITE: own_finite,
            engine.REPORT_COVERED: lambda _, covered: reports.append(covered)})
     taken = engine.step_taken(state.direction, d_state)
     if taken is None:
-      taken = engine.tree_all_finite(updates)
+      taken = engine.tree_all_finite(updates) & own_finite
 
     if nu_update is not None:
-      nu = nu_update(state.nu, updates)
       u = jax.tree_util.tree_map(
           lambda m, r: m / r, mu_hat, _denominator(kind, nu, count, b2, eps))
       m_state = ()
@@ -235,16 +268,20 @@ def graft(direction: optax.GradientTransformation,
       m_state = engine.tree_select(taken, m_state, state.magnitude)
     else:
       nu, u, m_state = (), mu_hat, ()
-    mu = optax.tree.cast(mu, mu_dtype)
+    # The moments keep the dtypes they were given (mu_dtype, float32 for
+    # float16 parameters, or a cast state's), so a jitted step never retraces.
     new_state = GraftState(
-        mu=engine.tree_select(taken, mu, state.mu),
-        nu=engine.tree_select(taken, nu, state.nu),
+        mu=engine.cast_like(engine.tree_select(taken, mu, state.mu), state.mu),
+        nu=engine.cast_like(engine.tree_select(taken, nu, state.nu), state.nu),
         direction=d_state, magnitude=m_state,
         graft_count=(() if engines else
                      jnp.where(taken, count, state.graft_count)))
-    return _combine(d, u, d_state, reports, taken, kind == "none"), new_state
+    out = _combine(d, u, d_state, reports, taken, kind == "none")
+    out = jax.tree_util.tree_map(lambda o, g: o.astype(g.dtype), out, given)
+    return out, new_state
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return engine.float_leaves_only(
+      optax.GradientTransformationExtraArgs(init_fn, update_fn))
 
 
 def _combine(d, u, d_state, reports, taken, ungrafted: bool):

@@ -39,6 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from kronopt import checks
+
 
 def _squeeze(shape: Sequence[int]) -> tuple[int, ...]:
   return tuple(int(d) for d in shape if d != 1)
@@ -181,11 +183,14 @@ def make_layout(params, block_size: int,
     block_size: largest block dimension (≥ 2).
     max_precond_dim: merged dimensions larger than this get no factor (and
       are not split); ``None`` preconditions every dimension.
+
+  Raises:
+    ValueError: ``block_size`` is not an integer ``≥ 2`` or
+      ``max_precond_dim`` not ``None`` or an integer ``≥ 1``.
   """
-  if (not isinstance(block_size, (int, np.integer))
-      or isinstance(block_size, bool) or block_size < 2):
-    raise ValueError(f"block_size={block_size!r} is out of range; expected an "
-                     "integer >= 2.")
+  checks.check_int("block_size", block_size, low=2, static=True)
+  checks.check_int("max_precond_dim", max_precond_dim, low=1, allow_none=True,
+                   static=True)
   leaves, treedef = jax.tree_util.tree_flatten(params, is_leaf=_is_masked)
   group_index: dict[tuple, int] = {}
   sizes: list[int] = []

@@ -64,6 +64,9 @@ def skipping_with(head: optax.GradientTransformation,
   gradient is finite). On a skipped step ``tail``'s state (e.g. a schedule's
   count) is kept and the update is zero, so weight decay does not move the
   parameters either. The state is the pair ``(head_state, tail_state)``.
+  Leaves that are not floating (integer parameters and their ``float0``
+  gradients) get zero updates and no state
+  (:func:`kronopt.engine.float_leaves_only`).
   """
   head = optax.with_extra_args_support(head)
   tail = optax.with_extra_args_support(tail)
@@ -83,7 +86,8 @@ def skipping_with(head: optax.GradientTransformation,
         x.dtype), u)
     return u, (new_head, new_tail)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return engine.float_leaves_only(
+      optax.GradientTransformationExtraArgs(init_fn, update_fn))
 
 
 def chain_after_direction(direction, learning_rate, *, b1, nesterov,
@@ -297,6 +301,9 @@ def sketchy(
   memory per axis. See :func:`kronopt.scale_by_sketchy` for the
   preconditioner's arguments and :func:`shampoo` for the others.
   """
+  # As Shampoo's: the sketches start at 0, whose undamped root is infinite.
+  checks.check_number("epsilon", epsilon, low=0.0, low_open=True)
+  checks.check_bool("relative_epsilon", relative_epsilon)
   direction = scale_by_sketchy(
       rank=rank, block_size=block_size, b2=b2, epsilon=epsilon,
       precondition_every=precondition_every,

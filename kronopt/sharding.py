@@ -1,4 +1,4 @@
-"""Sharding the stacked block axis over a device mesh (DESIGN.md, Sharding).
+"""Sharding the stacked block axis over a device mesh (docs/sharding.md).
 
 Every group of an engine-built preconditioner is one ``[N, *block]`` stack.
 With ``shard_axis`` set, ``N`` is padded to a multiple of the size of the
@@ -11,14 +11,17 @@ does the rest (no pmap, no hand-written communication).
 The mesh is the ``mesh=`` given to the transform or, if none, JAX's ambient
 mesh (``with jax.set_mesh(mesh):``). Mesh axes may be ``Auto`` (the
 constraint is ``jax.lax.with_sharding_constraint``) or ``Explicit`` (the
-constraint is ``jax.sharding.reshard``, and parameters sharded over explicit
-axes are gathered before blocking).
+constraint is ``jax.sharding.reshard``).
+
+Parameters sharded over ``Explicit`` mesh axes (their sharding is part of
+their type, ``jax.typeof(x).sharding``) are gathered before blocking and the
+updates are given the parameters' sharding back, with or without
+``shard_axis``: blocking reshapes and pads across dimensions, which Explicit
+sharding does not allow on sharded dimensions.
 
 :func:`state_shardings` gives the shardings of a whole optax state, for
 ``jit(..., out_shardings=...)`` and for restoring checkpoints.
 """
-
-from __future__ import annotations
 
 import dataclasses
 import math
@@ -147,22 +150,24 @@ class BlockSharding:
     Blocking reshapes and slices a parameter across its dimensions, which
     Explicit sharding does not allow on sharded dimensions; under Auto axes
     XLA inserts the communication itself and ``x`` is returned unchanged.
+    This holds whether or not the blocks are sharded (``shard_axis``).
     """
-    if not self.enabled:
-      return x
-    sharding = jax.typeof(x).sharding
+    sharding = _type_sharding(x)
     if not _is_sharded(sharding):
       return x
     return jax.sharding.reshard(x, NamedSharding(sharding.mesh, P()))
 
   def restore(self, x, like):
     """Gives ``x`` the Explicit sharding of ``like`` (see :meth:`gather`)."""
-    if not self.enabled:
-      return x
-    sharding = jax.typeof(like).sharding
+    sharding = _type_sharding(like)
     if not _is_sharded(sharding):
       return x
     return jax.sharding.reshard(x, sharding)
+
+
+def _type_sharding(x):
+  """The sharding in ``x``'s type (set by Explicit mesh axes), or ``None``."""
+  return getattr(jax.typeof(x), "sharding", None)
 
 
 def _is_sharded(sharding) -> bool:

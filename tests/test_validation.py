@@ -1,4 +1,4 @@
-"""Invalid hyperparameters raise ValueError at construction (DESIGN.md).
+"""Invalid hyperparameters raise ValueError at construction (docs/contracts.md).
 
 The message must name the argument, the value and the valid range.
 """
@@ -16,7 +16,9 @@ BAD = [
     (kronopt.scale_by_shampoo, dict(b2=0.0), ["b2=0.0", "(0.0, 1.0]"]),
     (kronopt.scale_by_shampoo, dict(b2=1.5), ["b2=1.5", "(0.0, 1.0]"]),
     (kronopt.scale_by_shampoo, dict(epsilon=-1e-3), ["epsilon=-0.001",
-                                                     "[0.0, inf)"]),
+                                                     "(0.0, inf)"]),
+    (kronopt.scale_by_shampoo, dict(epsilon=0.0), ["epsilon=0.0",
+                                                   "(0.0, inf)"]),
     (kronopt.scale_by_shampoo, dict(exponent=0.5), ["exponent=0.5",
                                                     "[-1.0, 0.0)"]),
     (kronopt.scale_by_shampoo, dict(root_method="svd"), ["root_method='svd'",
@@ -54,5 +56,5 @@ def test_bad_hyperparameter_raises_clear_error(factory, kwargs, needles):
 
 def test_good_hyperparameters_construct():
   kronopt.shampoo(optax.cosine_decay_schedule(1e-3, 100), b2=1.0,
-                  epsilon=0.0, exponent=-0.25, root_method="newton")
+                  epsilon=1e-30, exponent=-0.25, root_method="newton")
   kronopt.scale_by_shampoo(exponent=-0.3, root_method="eigh")

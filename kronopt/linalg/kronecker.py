@@ -3,11 +3,9 @@
 A block is an order-k tensor ``G`` (``[N, d_1, …, d_k]`` for a stack of N
 blocks). With ``vec`` in row-major order, ``(P_1 ⊗ … ⊗ P_k) vec(G)`` is the
 product of ``G`` with ``P_i`` along every mode i, and ``G_(i) G_(i)ᵀ`` is the
-contraction of ``G`` with itself over every mode but i (ALGORITHMS.md,
+contraction of ``G`` with itself over every mode but i (docs/algorithms.md,
 Notation).
 """
-
-from __future__ import annotations
 
 import string
 

@@ -11,8 +11,6 @@ one matrix at a time with ``lax.map``, which never blocks on the pool; on
 GPU/TPU they make the usual batched call. ``qr`` goes the same way.
 """
 
-from __future__ import annotations
-
 import jax
 import jax.numpy as jnp
 

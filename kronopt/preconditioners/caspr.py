@@ -1,4 +1,4 @@
-"""CASPR (Duvvuri et al., ICLR 2024) -- ALGORITHMS.md §4.
+"""CASPR (Duvvuri et al., ICLR 2024) -- docs/algorithms.md §4.
 
 "Combining Axes Preconditioners through Kronecker Approximation for Deep
 Learning". Shampoo's statistics and roots, combined by a Kronecker *sum*
@@ -76,7 +76,7 @@ def scale_by_caspr(
   Args:
     block_size: largest block dimension; larger dimensions are split.
     b2: statistics EMA decay ``β₂`` in ``(0, 1]``; 1 is a plain sum.
-    epsilon: damping ``ε``; relative to the mean eigenvalue ``tr(L)/d`` of
+    epsilon: damping ``ε > 0``; relative to the mean eigenvalue ``tr(L)/d`` of
       each statistic (``d`` counting the dimensions that have received
       gradient, so that padding does not change it) unless
       ``relative_epsilon`` is False, in which case it is the paper's
@@ -108,7 +108,8 @@ def scale_by_caspr(
                           root_method=root_method,
                           newton_max_iters=newton_max_iters,
                           newton_tol=newton_tol, qr_tolerance=qr_tolerance,
-                          qr_iterations=qr_iterations)
+                          qr_iterations=qr_iterations,
+                          relative_epsilon=relative_epsilon)
   precond = Caspr(
       b2=b2, epsilon=epsilon, relative_epsilon=relative_epsilon,
       root_method=root_method, newton_max_iters=newton_max_iters,

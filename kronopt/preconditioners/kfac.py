@@ -399,7 +399,8 @@ def scale_by_kfac(
   checks.check_int("oversample", oversample, low=0, static=True)
   checks.check_int("power_iters", power_iters, low=0, static=True)
   _check_static_fraction(correction_fraction)
-  checks.check_int("rsvd_reset_every", rsvd_reset_every, low=1)
+  checks.check_int("rsvd_reset_every", rsvd_reset_every, low=1,
+                   high=checks.INT32_MAX)
   _check_layers(layers)
   precond = KFAC(method=method, rank=rank, damping=damping, ema=ema,
                  relative_damping=relative_damping, seed=seed,

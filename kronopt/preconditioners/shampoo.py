@@ -1,4 +1,4 @@
-"""Shampoo (Gupta, Koren & Singer 2018; Anil et al. 2020) -- ALGORITHMS.md §1.
+"""Shampoo (Gupta, Koren & Singer 2018; Anil et al. 2020) -- docs/algorithms.md §1.
 
 Per block ``G`` (an order-k tensor) and preconditioned axis i:
 
@@ -84,6 +84,20 @@ def normalized_statistic(s):
   return jnp.where(mean > 0, s / jnp.where(mean > 0, mean, 1.0), eye)
 
 
+def unit_scaled(s):
+  """``(S/c, c)`` per block, ``c = max|S|`` (1 for a zero block).
+
+  Roots and eigenbases are computed on statistics of unit scale: the
+  Frobenius norms, power iterations and Newton iterates inside them then
+  neither overflow nor underflow in float32 (statistics of 1e-60 and of
+  1e38 alike), and every quantity the guard sees (relative residuals,
+  off-diagonal masses) is unchanged by the scale.
+  """
+  c = jnp.max(jnp.abs(s), axis=(-2, -1))
+  c = jnp.where(c > 0, c, 1.0)
+  return s / c[..., None, None], c
+
+
 @dataclasses.dataclass(frozen=True)
 class Shampoo:
   """Shampoo on the engine (see :func:`kronopt.scale_by_shampoo`)."""
@@ -136,6 +150,14 @@ class Shampoo:
     return [roots_lib.symmetrize(kronecker.weighted_mode_gram(g, axis, weights))
             for axis in axes]
 
+  def _unit(self, s, p):
+    """``(S/c, ε', c^{-1/p})`` (:func:`unit_scaled`): ``(S + δI)^{-1/p} =
+    c^{-1/p} (S/c + δ/c I)^{-1/p}``, where relative damping is unchanged by
+    the scale and absolute damping becomes ``ε/c``."""
+    unit, c = unit_scaled(s)
+    eps = jnp.where(self.relative_epsilon, self.epsilon, self.epsilon / c)
+    return unit, eps, (c ** (-1.0 / p))[..., None, None]
+
   def refresh(self, state, ctx=None):
     del ctx
     p = self.power(len(state.stats))
@@ -143,25 +165,32 @@ class Shampoo:
       return self._refresh_qr(state, p)
     if self.root_method == "newton":
       p = int(round(p))
-    results = [roots_lib.inverse_root(
-        s, p, method=self.root_method, epsilon=self.epsilon,
-        relative_epsilon=self.relative_epsilon,
-        relative_to=self.epsilon_relative_to,
-        **self._newton_kwargs()) for s in state.stats]
-    new_roots = tuple(r for r, _ in results)
-    residual = jnp.max(jnp.stack([res for _, res in results]), axis=0)
-    return state._replace(roots=new_roots), residual
+    new_roots, residuals = [], []
+    for s in state.stats:
+      unit, eps, scale = self._unit(s, p)
+      root, res = roots_lib.inverse_root(
+          unit, p, method=self.root_method, epsilon=eps,
+          relative_epsilon=self.relative_epsilon,
+          relative_to=self.epsilon_relative_to, **self._newton_kwargs())
+      new_roots.append(root * scale)
+      residuals.append(res)
+    residual = jnp.max(jnp.stack(residuals), axis=0)
+    return state._replace(roots=tuple(new_roots)), residual
 
   def _refresh_qr(self, state, p):
     """Roots from the warm-started eigenbases (docs/algorithms.md §0)."""
-    results = [roots_lib.inverse_root_qr(
-        s, q, p, epsilon=self.epsilon, relative_epsilon=self.relative_epsilon,
-        relative_to=self.epsilon_relative_to, tolerance=self.qr_tolerance,
-        iterations=self.qr_iterations, fallback=self.qr_fallback)
-               for s, q in zip(state.stats, state.bases)]
-    residual = jnp.max(jnp.stack([r[2] for r in results]), axis=0)
-    return state._replace(roots=tuple(r[0] for r in results),
-                          bases=tuple(r[1] for r in results)), residual
+    roots, bases, masses = [], [], []
+    for s, q in zip(state.stats, state.bases):
+      unit, eps, scale = self._unit(s, p)
+      root, basis, mass = roots_lib.inverse_root_qr(
+          unit, q, p, epsilon=eps, relative_epsilon=self.relative_epsilon,
+          relative_to=self.epsilon_relative_to, tolerance=self.qr_tolerance,
+          iterations=self.qr_iterations, fallback=self.qr_fallback)
+      roots.append(root * scale)
+      bases.append(basis)
+      masses.append(mass)
+    residual = jnp.max(jnp.stack(masses), axis=0)
+    return state._replace(roots=tuple(roots), bases=tuple(bases)), residual
 
   def _newton_kwargs(self):
     if self.root_method != "newton":
@@ -174,14 +203,22 @@ class Shampoo:
 
 
 def check_root_args(*, b2, epsilon, exponent, root_method, newton_max_iters,
-                    newton_tol, qr_tolerance=0.01, qr_iterations=1):
-  """Validation shared by the Shampoo-family transforms."""
+                    newton_tol, qr_tolerance=0.01, qr_iterations=1,
+                    relative_epsilon=True):
+  """Validation shared by the Shampoo-family transforms.
+
+  ``epsilon`` must be positive with relative and with absolute damping
+  alike: the statistics start at 0 and padded or rank-deficient blocks keep
+  zero eigenvalues, whose undamped inverse root is infinite (every such
+  refresh would be rejected by the guard).
+  """
   checks.check_int("newton_max_iters", newton_max_iters, low=1)
   checks.check_number("newton_tol", newton_tol, low=0.0, low_open=True)
   checks.check_number("qr_tolerance", qr_tolerance, low=0.0, high=1.0)
   checks.check_int("qr_iterations", qr_iterations, low=1, high=100)
   checks.check_number("b2", b2, low=0.0, high=1.0, low_open=True)
-  checks.check_number("epsilon", epsilon, low=0.0)
+  checks.check_number("epsilon", epsilon, low=0.0, low_open=True)
+  checks.check_bool("relative_epsilon", relative_epsilon)
   checks.check_number("exponent", exponent, low=-1.0, high=0.0,
                       high_open=True, allow_none=True)
   checks.check_choice("root_method", root_method, ROOT_METHODS)
@@ -201,8 +238,7 @@ def check_power_args(*, exponent, exponent_multiplier,
   """Validation of the Shampoo² options of :func:`scale_by_shampoo`."""
   checks.check_number("exponent_multiplier", exponent_multiplier, low=0.0,
                       high=2.0, low_open=True)
-  checks.check_choice("kronecker_power_iterations",
-                      kronecker_power_iterations, (False, True))
+  checks.check_bool("kronecker_power_iterations", kronecker_power_iterations)
   if isinstance(exponent_multiplier, jax.core.Tracer):
     return
   if exponent is not None and exponent_multiplier != 1.0:
@@ -252,8 +288,9 @@ def scale_by_shampoo(
   Args:
     block_size: largest block dimension; larger dimensions are split.
     b2: statistics EMA decay ``β₂`` in ``(0, 1]``; 1 is a plain sum.
-    epsilon: damping ``ε``; relative to λ_max unless ``relative_epsilon`` is
-      False, in which case it is the papers' absolute ``A + εI``.
+    epsilon: damping ``ε > 0``; relative to λ_max unless
+      ``relative_epsilon`` is False, in which case it is the papers' absolute
+      ``A + εI``.
     exponent: root exponent ``−1/p`` per factor; ``None`` is ``−1/(2k)`` for
       ``k`` preconditioned axes.
     precondition_every: steps between root refreshes.
@@ -296,7 +333,9 @@ def scale_by_shampoo(
   check_root_args(b2=b2, epsilon=epsilon, exponent=exponent,
                   root_method=root_method, newton_max_iters=newton_max_iters,
                   newton_tol=newton_tol, qr_tolerance=qr_tolerance,
-                  qr_iterations=qr_iterations)
+                  qr_iterations=qr_iterations,
+                  relative_epsilon=relative_epsilon)
+  checks.check_bool("one_sided", one_sided)
   check_power_args(exponent=exponent, exponent_multiplier=exponent_multiplier,
                    kronecker_power_iterations=kronecker_power_iterations,
                    root_method=root_method)

@@ -47,6 +47,7 @@ import optax
 
 from kronopt import checks
 from kronopt import engine
+from kronopt import grafting
 from kronopt import layout as layout_lib
 from kronopt.linalg import eigenbasis
 from kronopt.linalg import kronecker
@@ -81,7 +82,8 @@ class SoapState(NamedTuple):
   Attributes:
     preconditioner: the engine's state, of :class:`SoapGroupState` groups.
     mu: Adam's first moment of the leaves the layout does not cover
-      (``optax.MaskedNode`` at the others).
+      (``optax.MaskedNode`` at the others), in the parameters' dtype
+      (float32 for float16 parameters, as :func:`kronopt.graft`'s).
     nu: Adam's second moment of the same leaves.
   """
   preconditioner: engine.PreconditionerState
@@ -189,6 +191,7 @@ class Soap:
     residual = jnp.zeros(nu.shape[:1], jnp.float32)
     for axis, s, q in zip(ctx.axes, state.stats, state.bases):
       real = ctx.real[axis]
+      s, _ = shampoo.unit_scaled(s)  # bases and masses do not depend on it
       if first:
         _, order, mass = eigenbasis.sort_columns(s, q, real)
         q, _ = eigenbasis.eigenbasis(s, real)
@@ -310,8 +313,8 @@ def scale_by_soap(
   def init_fn(params):
     leaves, treedef, flags = _adam_leaves(params, layout_of(params))
     zeros = lambda: treedef.unflatten([
-        jnp.zeros_like(x) if f else optax.MaskedNode()
-        for x, f in zip(leaves, flags)])
+        jnp.zeros_like(x, grafting.moment_dtype(x.dtype)) if f
+        else optax.MaskedNode() for x, f in zip(leaves, flags)])
     return SoapState(preconditioner=inner.init(params), mu=zeros(),
                      nu=zeros())
 
@@ -322,18 +325,23 @@ def scale_by_soap(
         state.mu, treedef.unflatten([
             x if f else optax.MaskedNode() for x, f in zip(leaves, flags)]),
         "Adam first moment")
-    d, inner_state = inner.update(updates, state.preconditioner, params,
-                                  **extra_args)
-    taken = engine.step_taken(state.preconditioner, inner_state)
     count = optax.safe_int32_increment(state.preconditioner.count)
-    out = treedef.flatten_up_to(d)
     mu = treedef.flatten_up_to(state.mu)
     nu = treedef.flatten_up_to(state.nu)
-    for i, (g, f) in enumerate(zip(leaves, flags)):
-      if not f:
-        continue
-      u, m, v = _adam_step(g, mu[i], nu[i], count, b1, b2, eps)
-      out[i] = jnp.where(taken, u, 0.0).astype(g.dtype)
+    steps = {i: _adam_step(g.astype(grafting.moment_dtype(g.dtype)), mu[i],
+                           nu[i], count, b1, b2, eps)
+             for i, (g, f) in enumerate(zip(leaves, flags)) if f}
+    # Adam's ν of a finite gradient above ~1.8e19 overflows and would stay
+    # inf: the engine skips such a step like its own overflow.
+    adam_finite = engine.tree_all_finite([v for _, _, v in steps.values()])
+    d, inner_state = inner.update(
+        updates, state.preconditioner, params,
+        **{**extra_args, engine.STATISTICS_FINITE: adam_finite & jnp.asarray(
+            extra_args.get(engine.STATISTICS_FINITE, True))})
+    taken = engine.step_taken(state.preconditioner, inner_state)
+    out = treedef.flatten_up_to(d)
+    for i, (u, m, v) in steps.items():
+      out[i] = jnp.where(taken, u, 0.0).astype(leaves[i].dtype)
       mu[i] = jnp.where(taken, m, mu[i])
       nu[i] = jnp.where(taken, v, nu[i])
     return treedef.unflatten(out), SoapState(
@@ -350,8 +358,8 @@ def predicted_state_bytes(params, *, block_size: int = 1024,
   Per group of ``N`` blocks of shape ``b`` (``N`` padded to a multiple of
   ``shards``, the size of ``shard_axis``), float32: ``M`` and ``V``
   (``2·∏b``) and, per preconditioned axis i, ``L_i`` and ``Q_i``
-  (``2·b_i²``); plus Adam's two moments, in the parameters' dtype, of every
-  leaf the layout does not cover. The scalars (counts, flags) are apart.
+  (``2·b_i²``); plus Adam's two moments, in the parameters' dtype (float32
+  for float16), of every leaf the layout does not cover. The scalars (counts, flags) are apart.
   """
   lay = layout_lib.make_layout(params, block_size, max_precond_dim)
   groups = sum(
@@ -360,6 +368,7 @@ def predicted_state_bytes(params, *, block_size: int = 1024,
       for shape, n, axes in zip(lay.group_shapes, lay.group_sizes,
                                 lay.group_axes))
   leaves, _, flags = _adam_leaves(params, lay)
-  adam = sum(2 * math.prod(x.shape) * np.dtype(x.dtype).itemsize
+  adam = sum(2 * math.prod(x.shape)
+             * np.dtype(grafting.moment_dtype(x.dtype)).itemsize
              for x, f in zip(leaves, flags) if f)
   return groups + adam
