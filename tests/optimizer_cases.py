@@ -25,23 +25,11 @@ import optax
 import kronopt
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_conformance import CASES  # noqa: E402
+from test_conformance import CASES, representatives  # noqa: E402,F401
 
 
 def is_kfac(name: str) -> bool:
   return "layers" in CASES[name].kwargs
-
-
-def representatives() -> list[str]:
-  """One case per (optimizer, ``variant``), the first in sorted order."""
-  seen, out = set(), []
-  for name in sorted(CASES):
-    case = CASES[name]
-    key = (case.fn, case.kwargs.get("variant"))
-    if key not in seen:
-      seen.add(key)
-      out.append(name)
-  return out
 
 
 def _registered(x) -> bool:

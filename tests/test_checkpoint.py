@@ -30,6 +30,7 @@ import pytest
 import kronopt
 
 sys.path.insert(0, os.path.dirname(__file__))
+import fast_jit  # noqa: E402
 from fast_jit import jit  # noqa: E402  (cheap XLA options; both compared runs)
 
 STEPS = 6
@@ -224,7 +225,8 @@ def sharded_round_trip(directory):
 
 def test_sharded_state_round_trip_on_two_devices(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+             XLA_FLAGS=("--xla_force_host_platform_device_count=2 "
+                        + fast_jit.XLA_FLAGS))
   proc = subprocess.run([sys.executable, __file__, str(tmp_path)],
                         capture_output=True, text=True, env=env, timeout=300,
                         check=False)

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+import fast_jit
 import kronopt
 
 WORKER = os.path.join(os.path.dirname(__file__), "sharding_worker.py")
@@ -33,8 +34,8 @@ CHECKS = (
 @pytest.fixture(scope="module")
 def worker():
   """Runs every check of the worker once; returns (exit code, output)."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
+  # The worker adds its device count to the session's compile flags.
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=fast_jit.XLA_FLAGS)
   proc = subprocess.run([sys.executable, WORKER], capture_output=True,
                         text=True, env=env, timeout=400, check=False)
   return proc.returncode, proc.stdout + proc.stderr
