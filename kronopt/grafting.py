@@ -84,6 +84,12 @@ def _norms(x):
   return s * jnp.sqrt(jnp.sum(jnp.square(scaled), axis=axes))
 
 
+def _square_sums(tree):
+  """``Σ g²`` per leaf in float32 (inf when it overflows)."""
+  return [jnp.sum(jnp.square(x.astype(jnp.float32)))
+          for x in jax.tree_util.tree_leaves(tree)]
+
+
 def _graft_scales(d_leaves, u_leaves):
   """Per leaf ``‖U_g‖_F / max(‖D‖_F, tiny)``, batched over equal shapes."""
   d_norms = engine.per_leaf_reduce(_norms, d_leaves)
@@ -241,12 +247,17 @@ def graft(direction: optax.GradientTransformation,
     count = optax.safe_int32_increment(jnp.asarray(count, jnp.int32))
     mu, mu_hat = filtered_gradient(updates, state.mu, count, b1, nesterov)
 
-    # ν of a finite gradient overflows above ~1.8e19 (G² > 3.4e38 in
-    # float32) and would stay inf: such a step is skipped like one whose
-    # preconditioner statistics overflow.
+    # A finite gradient whose squares overflow float32 (an entry above
+    # ~1.8e19, or a leaf's Σg², the scale of every Gram statistic, above
+    # 3.4e38) is skipped like one whose preconditioner statistics overflow,
+    # whatever the direction computes from it (Sketchy's sketches and
+    # K-FAC's low-rank factors never square it): ν would hold it for
+    # thousands of steps and freeze the run.
     nu = () if nu_update is None else nu_update(state.nu, updates)
-    own_finite = engine.tree_all_finite(nu) & jnp.asarray(
-        extra_args.get(engine.STATISTICS_FINITE, True))
+    own_finite = (engine.tree_all_finite(nu)
+                  & engine.tree_all_finite(_square_sums(updates))
+                  & jnp.asarray(extra_args.get(engine.STATISTICS_FINITE,
+                                               True)))
     reports = []
     d, d_state = direction.update(
         mu_hat, state.direction, params,
