@@ -439,7 +439,7 @@ def kfac(
 def soap(
     learning_rate: optax.ScalarOrSchedule,
     *,
-    b1: float = 0.95,
+    b1: float = 0.9,
     b2: float = 0.95,
     shampoo_b2: Optional[float] = None,
     eps: float = 1e-8,

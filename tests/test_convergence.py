@@ -9,7 +9,11 @@ import numpy as np
 import optax
 
 import kronopt
-from problems import kronecker_quadratic, quadratic_loss, train, train_digits
+import yaml
+
+from experiments import run
+from experiments import sweep
+from problems import kronecker_quadratic, quadratic_loss, train
 
 
 def _shampoo(lr, **kw):
@@ -30,7 +34,32 @@ def test_shampoo_minimises_ill_conditioned_quadratic_faster_than_adam():
   assert int(kronopt.diagnostics(state)["refresh_failures"]) == 0
 
 
-def test_shampoo_trains_digits_mlp_below_adam():
-  _, adam_final, _ = train_digits(optax.adam(0.2), steps=60)
-  _, sh_final, _ = train_digits(_shampoo(0.1), steps=60)
-  assert float(sh_final) < 0.5 * float(adam_final), (sh_final, adam_final)
+# The defaults study of the README, reduced (configs/tuning/digits.yaml at 40
+# steps, where the MLP is still optimisation-limited; at 150 steps every
+# optimizer overfits the 1,347 training images and the ranking is noise):
+# each learning rate was the best of [1e-3, 3e-3, 1e-2, 3e-2, 1e-1] over
+# seeds 0 and 1, AdamW's b2 tuned over {0.95, 0.99, 0.999} too.
+QUALITY = """
+experiment: sweep
+workload: {name: digits_mlp, hidden: [128, 128], batch_size: 128}
+steps: 40
+eval_every: 20
+seeds: [0, 1]
+schedule: {name: warmup_cosine, warmup_steps: 4, end_factor: 0.0}
+baseline: adamw
+progress: false
+optimizers:
+  adamw: {name: adamw, learning_rate: 1.0e-2, b2: 0.999}
+  shampoo: {name: shampoo, learning_rate: 1.0e-2}
+  soap: {name: soap, learning_rate: 1.0e-2}
+  sketchy: {name: sketchy, learning_rate: 1.0e-2}
+"""
+
+
+def test_defaults_beat_tuned_adamw_on_the_digits_mlp(tmp_path):
+  config = yaml.safe_load(QUALITY)
+  _, config = run.prepare({**config, "output_dir": str(tmp_path)})
+  summary = sweep.run(config)["summary"]
+  final = {name: s["final"]["loss"] for name, s in summary.items()}
+  for name in ("shampoo", "soap", "sketchy"):
+    assert final[name] < final["adamw"], final

@@ -211,9 +211,12 @@ def test_shipped_configs_validate():
   assert {"adamw", "shampoo"} <= set(config["optimizers"])
   assert config["schedule"]["name"] == "warmup_cosine"
   assert config["steps"] == 200
-  # A module with DEFAULTS and no SCHEMA is validated against its defaults.
+  # Every shipped config validates, and a reproduction's own SCHEMA rejects
+  # unknown keys and wrong types.
+  for path in sorted(CONFIGS.glob("**/*.yaml")):
+    run.prepare(config_lib.load(str(path)))
   _, config = run.prepare(config_lib.load(
-      str(CONFIGS / "kradagrad_synthetic.yaml")))
+      str(CONFIGS / "reproduce" / "kradagrad_quadratic.yaml")))
   with pytest.raises(config_lib.ConfigError, match="'dd' is unknown"):
     run.prepare({**config, "dd": 3})
   with pytest.raises(config_lib.ConfigError, match="'steps'"):

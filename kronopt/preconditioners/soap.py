@@ -129,7 +129,7 @@ class Soap:
   itself starts at step 0, so the direction is SOAP's (Adam's while
   ``Q = I``) from the first step.
   """
-  b1: Any = 0.95
+  b1: Any = 0.9
   b2: Any = 0.95
   shampoo_b2: Any = 0.95
   eps: Any = 1e-8
@@ -242,7 +242,7 @@ def _adam_step(g, mu, nu, count, b1, b2, eps):
 
 def scale_by_soap(
     *,
-    b1: float = 0.95,
+    b1: float = 0.9,
     b2: float = 0.95,
     shampoo_b2: Optional[float] = None,
     eps: float = 1e-8,
