@@ -4,7 +4,7 @@
   standardised, with a 64-32-10 tanh MLP and softmax cross-entropy.
 * :func:`kronecker_quadratic` -- ``f(W) = ⟨W, H₀ W H₁⟩`` with
   ``H_i = Q_i diag(λ) Q_iᵀ``, ``λ_j = 10^{-s_j²}``, ``s_j`` evenly spaced on
-  ``[0, √c]``, rescaled so that ``max λ = 10`` (ALGORITHMS.md §2).
+  ``[0, √c]``, rescaled so that ``max λ = 10`` (docs/algorithms.md §2).
 """
 
 import functools

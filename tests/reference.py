@@ -1,4 +1,4 @@
-"""A dense float64 numpy oracle of Shampoo (ALGORITHMS.md §0, §1).
+"""A dense float64 numpy oracle of Shampoo (docs/algorithms.md §0, §1).
 
 Written from the math, independently of kronopt: numpy only, no jax and no
 import from kronopt. Parameters are dicts ``name -> np.ndarray``.

@@ -1,4 +1,4 @@
-"""Layout: squeeze, merge, split, pad, stack (ALGORITHMS.md §0, Layout)."""
+"""Layout: squeeze, merge, split, pad, stack (docs/algorithms.md §0, Layout)."""
 
 import jax
 import jax.numpy as jnp

@@ -1,6 +1,6 @@
 """kronopt's Shampoo against the dense float64 numpy oracle in reference.py.
 
-The oracle (tests/reference.py) is written from ALGORITHMS.md §0/§1 without
+The oracle (tests/reference.py) is written from docs/algorithms.md §0/§1 without
 jax or kronopt, and works on every block's *unpadded* sub-block, so agreement
 on split/padded layouts also shows that zero padding changes nothing.
 
