@@ -1,29 +1,41 @@
 """Benchmark: kronopt optimizers against ``optax.adam`` on this machine.
 
-``python -m experiments.bench [--quick] [--out results/bench.json]``
+``python -m experiments.bench [--quick] [--peers] [--only NAME ...]
+[--out results/bench.json]``
 
 Every number is a ratio against ``optax.adam`` measured in the same run:
 
 * **Step time** of the jitted train step (loss, grad, ``tx.update``,
   ``apply_updates``) on an MLP 784-1024-1024-10 with a random batch of 512,
-  amortized over ``max(2·precondition_every, 20)`` consecutive steps (so it
-  covers whole refresh periods), median over repeats, after a warm-up past
-  the first refresh. Adam is re-timed next to each optimizer. Next to it, the
-  FLOP floor ``1 + (statistics + preconditioning flops) / (6·batch·params)``
-  of the optimizer's layout.
+  each step timed on its own, over rounds of ``max(2·precondition_every,
+  20)`` consecutive steps (whole refresh periods) interleaved with rounds of
+  Adam's, after a warm-up past the first refresh. The mean ratio is the
+  amortised cost (refreshes included), the median ratio the cost of a step
+  between refreshes, max/median the refresh's spike (what the staggered
+  refresh flattens). Next to it, the FLOP floor ``1 + (statistics +
+  preconditioning flops) / (6·batch·params)`` of the optimizer's layout.
 * **Compile time** of the train step of a 4-layer and a 48-layer MLP (width
   256), ``jit(...).lower(...).compile()``, for the first registry entry of
   each optimizer name; the 48/4 ratio is compared to Adam's.
 * **State bytes** per parameter byte, with the bytes the layout predicts.
+* **Loss at equal steps**: each optimizer's batch loss after
+  :data:`LOSS_STEPS` steps on that batch, beside the step time.
 
 Optimizers are the dicts of :data:`REGISTRY` (built by
 :func:`experiments.optimizers.build`); another optimizer is one more line.
-Timings live here and in the JSON this writes, never in tests.
+K-FAC's step also takes the layer statistics, from the same forward and
+backward pass (:class:`kronopt.flax.linen.KFACCapture`). ``--peers`` adds
+the peers of :data:`experiments.peers.PEERS` (``pip install -e
+".[peers]"``) to the step-time loop, each with its package version; one
+that is not installed or does not run here is skipped with the reason,
+printed and recorded. Timings live here and in the JSON this writes, never
+in tests.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import os
@@ -40,16 +52,25 @@ import optax
 
 import kronopt
 from experiments import optimizers
+from experiments import peers as peers_lib
+from kronopt.flax import linen as kfac_linen
+from kronopt.preconditioners import kfac as kfac_lib
 from kronopt.preconditioners import soap as soap_lib
 
 LEARNING_RATE = 1e-3
 BASELINE = {"name": "adam"}
 
+# Shampoo's refresh variants (issue 14): eigh, the warm-started qr basis,
+# coupled Newton, the staggered refresh, statistics every 10 steps.
 REGISTRY = [
     {"name": "shampoo", "block_size": block, "precondition_every": every,
-     "root_method": method}
-    for block in (256, 1024) for method in ("eigh", "newton")
-    for every in (1, 10, 100)
+     "root_method": method, **extra}
+    for block in (256, 1024)
+    for method, every, extra in (
+        ("eigh", 10, {}), ("qr", 10, {}), ("newton", 10, {}),
+        ("eigh", 100, {}), ("eigh", 10, {"staggered_refresh": True}),
+        ("qr", 10, {"staggered_refresh": True}),
+        ("qr", 10, {"statistics_every": 10}))
 ]
 # The rest of the family, each at the settings its issue asks for.
 FAMILY = [
@@ -65,22 +86,21 @@ FAMILY = [
      "fd_method": "randomized"},
     {"name": "sketchy", "rank": 256, "block_size": 1024,
      "precondition_every": 1, "fd_method": "randomized"},
-    {"name": "sketchy", "rank": 16, "block_size": 1024, "precondition_every": 1,
-     "fd_method": "exact"},
     {"name": "sketchy", "rank": 64, "block_size": 1024, "precondition_every": 1,
      "fd_method": "exact"},
-    {"name": "sketchy", "rank": 256, "block_size": 1024,
-     "precondition_every": 1, "fd_method": "exact"},
     {"name": "kradagrad", "block_size": 128, "precondition_every": 10},
     {"name": "kradagrad", "block_size": 256, "precondition_every": 10},
     {"name": "kradagrad", "block_size": 1024, "precondition_every": 10},
     {"name": "soap", "block_size": 256, "precondition_every": 10},
     {"name": "soap", "block_size": 1024, "precondition_every": 10},
 ]
-REGISTRY = REGISTRY + FAMILY
+# K-FAC, each method at the optimizer's defaults (rank 220, T_cov 10, T_inv
+# 100); its step also takes the layer statistics (make_kfac_step).
+KFAC = [{"name": "kfac", "method": method} for method in kfac_lib.METHODS]
+REGISTRY = REGISTRY + FAMILY + KFAC
 QUICK = [spec for spec in REGISTRY
          if spec["name"] == "shampoo" and spec["precondition_every"] == 10
-         and spec["root_method"] == "eigh"]
+         and spec["root_method"] in ("eigh", "qr") and len(spec) == 4]
 
 # Largest amortized step-time ratio, keyed by (block_size, precondition_every).
 STEP_TARGETS = {(256, 10): 2.0, (1024, 10): 4.0}
@@ -89,6 +109,10 @@ COMPILE_TARGET = 1.5  # shampoo's 48/4 compile ratio ≤ this × adam's.
 WIDTHS = (1024, 1024)
 INPUT_DIM, NUM_CLASSES, BATCH = 784, 10, 512
 MIN_WINDOW = 20
+LOSS_STEPS = 30  # every stepper runs at least this many (warm-up + window)
+# Keywords that set an optimizer's refresh period, its own or a peer's.
+PERIOD_KEYS = ("precondition_every", "inverse_every", "inverse_update_period",
+               "preconditioning_compute_steps")
 COMPILE_WIDTH, COMPILE_DEPTHS, COMPILE_BATCH = 256, (4, 48), 64
 
 
@@ -126,40 +150,123 @@ def make_step(model, tx) -> Callable:
   return step
 
 
+def make_kfac_step(model, tx, capture) -> Callable:
+  """:func:`make_step` for ``kronopt.kfac``: the gradient and the layer
+  statistics of one forward and backward pass (``capture``, a
+  :class:`kronopt.flax.linen.KFACCapture`), both under ``"params"``."""
+  def loss_fn(params, x, y):
+    logits = model.apply({"params": params}, x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  def step(variables, opt_state, x, y):
+    loss, grads, stats = capture.value_grad_and_stats(
+        loss_fn, variables["params"], x, y)
+    updates, opt_state = tx.update({"params": grads}, opt_state, variables,
+                                   kfac_stats={"params": stats})
+    return optax.apply_updates(variables, updates), opt_state, loss
+  return step
+
+
 def build(spec):
   return optimizers.build({"learning_rate": LEARNING_RATE, **spec})
 
 
+def step_and_tx(spec, model, params, x):
+  """``(step, tx)``: a kronopt or optax spec's train step (not jitted) and
+  its optimizer; K-FAC's registers the model's layers with the capture."""
+  if spec["name"] != "kfac":
+    tx = build(spec)
+    return make_step(model, tx), tx
+  capture = kfac_linen.KFACCapture(model, params, x)
+  tx = build({**spec, "layers": {"params": capture.layers}})
+  return make_kfac_step(model, tx, capture), tx
+
+
 class Stepper:
-  """A compiled, warmed-up train step of one optimizer on one problem."""
+  """A compiled, warmed-up train step of one optimizer on one problem.
+
+  Raises:
+    experiments.peers.Unavailable: for a peer that cannot run here.
+  """
 
   def __init__(self, spec, model, params, x, y):
-    tx = build(spec)
-    self._step = jax.jit(make_step(model, tx), donate_argnums=(0, 1))
-    self._carry = (jax.tree_util.tree_map(jnp.copy, params), tx.init(params))
+    self.patch = None  # what a peer's adapter patched, if anything
     self._batch = (x, y)
-    # Past the default start_preconditioning_step (10) and its first refresh.
-    self.run(spec.get("start_preconditioning_step", 10) + 1)
+    self.losses = []
+    try:
+      self._step, state = self._build(spec, model, params, x)
+      self._carry = (jax.tree_util.tree_map(jnp.copy, params), state)
+      # Past the default start_preconditioning_step (10) and its first
+      # refresh.
+      self.run(spec.get("start_preconditioning_step", 10) + 1)
+    except peers_lib.Unavailable:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      if not peers_lib.is_peer(spec):
+        raise
+      raise peers_lib.failure(spec, e) from e
+
+  def _build(self, spec, model, params, x):
+    """``(step, opt_state)``: jitted unless the peer owns its step."""
+    if peers_lib.owns_step(spec):
+      step, state, self.patch = peers_lib.kfac_jax_step(
+          spec, model, params, x, self._batch[1], LEARNING_RATE)
+      return step, state
+    if peers_lib.is_peer(spec):
+      tx = peers_lib.transform(spec, LEARNING_RATE)
+      step = make_step(model, tx)
+    else:
+      step, tx = step_and_tx(spec, model, params, x)
+    # Copied: leaves of a fresh state may share one buffer (the engine's
+    # zero counters), which donation refuses.
+    state = jax.tree_util.tree_map(jnp.copy, tx.init(params))
+    return jax.jit(step, donate_argnums=(0, 1)), state
 
   def run(self, steps: int) -> None:
     for _ in range(steps):
-      params, opt_state, _ = self._step(*self._carry, *self._batch)
+      params, opt_state, loss = self._step(*self._carry, *self._batch)
       self._carry = (params, opt_state)
+      self.losses.append(loss)
     jax.block_until_ready(self._carry)
 
-  def time(self, window: int, repeats: int) -> float:
-    """Median over ``repeats`` of the mean seconds per step over ``window``."""
+  def loss_after(self, steps: int) -> Optional[float]:
+    """The batch loss after ``steps`` updates (``None`` if not run)."""
+    return float(self.losses[steps]) if len(self.losses) > steps else None
+
+  def time(self, steps: int) -> list[float]:
+    """Seconds of each of ``steps`` consecutive steps (each waited for)."""
     times = []
-    for _ in range(repeats):
+    for _ in range(steps):
       start = time.perf_counter()
-      self.run(window)
-      times.append((time.perf_counter() - start) / window)
-    return statistics.median(times)
+      self.run(1)
+      times.append(time.perf_counter() - start)
+    return times
+
+
+def timing(times) -> dict[str, float]:
+  """Mean (the amortised cost, refreshes included), median (a step between
+  refreshes) and max/median (the refresh's spike) of per-step seconds."""
+  median = statistics.median(times)
+  return {"mean": statistics.fmean(times), "median": median,
+          "max_over_median": max(times) / median}
+
+
+def period(spec) -> int:
+  """Steps between refreshes: the spec's, else its optimizer's default."""
+  for key in PERIOD_KEYS:
+    if key in spec:
+      return spec[key]
+  fn = None if peers_lib.is_peer(spec) else optimizers.factory(spec["name"])
+  params = inspect.signature(fn).parameters if fn is not None else {}
+  for key in PERIOD_KEYS:
+    if key in params and isinstance(params[key].default, int):
+      return params[key].default
+  return 1
 
 
 def window(spec) -> int:
   """Consecutive steps timed: at least two whole refresh periods."""
-  return max(2 * spec.get("precondition_every", 1), MIN_WINDOW)
+  return max(2 * period(spec), MIN_WINDOW)
 
 
 def num_params(params) -> int:
@@ -186,33 +293,53 @@ def target(spec) -> Optional[float]:
 
 
 def bench_step_time(specs, repeats):
-  """Per spec: its seconds per step, Adam's right before, ratio, floor."""
+  """Per spec: its seconds per step, Adam's right before, ratio, floor, loss
+  after :data:`LOSS_STEPS` steps; and the peers skipped (with reasons)."""
   model, params, x, y = problem(WIDTHS, INPUT_DIM, BATCH)
   adam = Stepper(BASELINE, model, params, x, y)
-  rows = []
+  rows, skipped = [], []
   for spec in specs:
-    stepper = Stepper(spec, model, params, x, y)
-    base = adam.time(window(spec), repeats)
-    seconds = stepper.time(window(spec), repeats)
+    peer = peers_lib.is_peer(spec)
+    version = (f"{peers_lib.distribution(spec)} {peers_lib.version(spec)}"
+               if peer else None)
+    try:
+      stepper = Stepper(spec, model, params, x, y)
+    except peers_lib.Unavailable as e:
+      skipped.append({"optimizer": optimizers.describe(spec), "spec": spec,
+                      "version": version, "reason": str(e)})
+      print(f"  skipping peer {optimizers.describe(spec)}: {e}", flush=True)
+      continue
+    # Rounds interleaved with Adam's, so both see the same machine load.
+    mine, base = [], []
+    for _ in range(repeats):
+      base += adam.time(window(spec))
+      mine += stepper.time(window(spec))
+    mine, base = timing(mine), timing(base)
+    loss = stepper.loss_after(LOSS_STEPS)
+    patch = stepper.patch
     del stepper
     limit = target(spec)
     rows.append({
-        "optimizer": optimizers.describe(spec), "spec": spec,
-        "window": window(spec), "step_s": seconds, "adam_step_s": base,
-        "ratio": seconds / base,
+        "optimizer": optimizers.describe(spec), "spec": spec, "peer": peer,
+        "version": version, "patch": patch,
+        "window": window(spec), "repeats": repeats, "step": mine,
+        "adam_step": base,
+        "ratio": mine["mean"] / base["mean"],
+        "ratio_median": mine["median"] / base["median"], "loss": loss,
+        "adam_loss": adam.loss_after(LOSS_STEPS),
         "flop_floor": flop_floor(spec, params, BATCH), "target": limit,
-        "pass": None if limit is None else seconds / base <= limit,
+        "pass": None if limit is None else mine["mean"] / base["mean"] <= limit,
     })
     print(f"  step time {rows[-1]['optimizer']}: {rows[-1]['ratio']:.2f}x",
           flush=True)
-  return rows
+  return rows, skipped
 
 
 def compile_seconds(spec, depth) -> float:
   model, params, x, y = problem((COMPILE_WIDTH,) * depth, COMPILE_WIDTH,
                                 COMPILE_BATCH)
-  tx = build(spec)
-  lowered = jax.jit(make_step(model, tx)).lower(params, tx.init(params), x, y)
+  step, tx = step_and_tx(spec, model, params, x)
+  lowered = jax.jit(step).lower(params, tx.init(params), x, y)
   start = time.perf_counter()
   lowered.compile()
   return time.perf_counter() - start
@@ -247,24 +374,26 @@ def adam_state_bytes(spec, params) -> int:
 
 
 def shampoo_state_bytes(spec, params) -> int:
-  """Per block and axis of size d: ``L`` and its root, 2·d² float32; plus
-  the Adam graft's ``μ, ν`` and the momentum: 3× the parameters."""
+  """Per block and axis of size d: ``L`` and its root, 2·d² float32 (3·d²
+  with ``root_method="qr"``, which keeps the basis); plus the Adam graft's
+  ``μ, ν``: 2× the parameters."""
   lay = kronopt.make_layout(params, spec.get("block_size", 1024))
-  factors = sum(n * 2 * sum(d * d for d in shape) * 4
+  per_axis = 3 if spec.get("root_method") == "qr" else 2
+  factors = sum(n * per_axis * sum(d * d for d in shape) * 4
                 for shape, n in zip(lay.group_shapes, lay.group_sizes))
-  return factors + 3 * tree_bytes(params)
+  return factors + 2 * tree_bytes(params)
 
 
 def sketchy_state_bytes(spec, params) -> int:
   """Per block and axis of size d, with k = min(rank, d): the sketch (U, σ,
   ρ) and the cached root (its basis, scales and tail), 4·(2dk + 2k + 2)
-  bytes; plus graft and momentum, 3× the parameters."""
+  bytes; plus the graft's ``μ, ν``, 2× the parameters."""
   lay = kronopt.make_layout(params, spec.get("block_size", 1024))
   rank = spec.get("rank", 256)
   per_axis = lambda d: 4 * (2 * d * min(rank, d) + 2 * min(rank, d) + 2)
   factors = sum(n * sum(per_axis(d) for d in shape)
                 for shape, n in zip(lay.group_shapes, lay.group_sizes))
-  return factors + 3 * tree_bytes(params)
+  return factors + 2 * tree_bytes(params)
 
 
 def soap_state_bytes(spec, params) -> int:
@@ -276,6 +405,23 @@ def soap_state_bytes(spec, params) -> int:
       max_precond_dim=spec.get("max_precond_dim", 10_000))
 
 
+def kfac_state_bytes(spec, params) -> int:
+  """Per layer (the default registration: every kernel with its bias row)
+  and factor of size d, with r its kept rank (d for ``eigh``, else
+  ``min(rank, d)``): ``U`` and ``D``, 4·(dr + r) bytes, and the d×d EMA
+  for every method but ``brand``; plus the graft's μ, ν: 2× the
+  parameters."""
+  precond = kfac_lib.KFAC(**{k: spec[k] for k in ("method", "rank")
+                             if k in spec})
+  lay = kfac_lib.make_layout(params)
+  per_factor = lambda d: 4 * (d * precond.factor_rank(d)
+                              + precond.factor_rank(d)
+                              + (d * d if precond.keeps_ema else 0))
+  factors = sum(n * sum(per_factor(d) for d in shape)
+                for shape, n in zip(lay.group_shapes, lay.group_sizes))
+  return factors + 2 * tree_bytes(params)
+
+
 # Shampoo², CASPR and KrADagrad keep two d×d float32 matrices per axis too
 # (statistic or inverse statistic, and its root).
 PREDICTED_STATE_BYTES = {"adam": adam_state_bytes,
@@ -284,7 +430,8 @@ PREDICTED_STATE_BYTES = {"adam": adam_state_bytes,
                          "caspr": shampoo_state_bytes,
                          "kradagrad": shampoo_state_bytes,
                          "sketchy": sketchy_state_bytes,
-                         "soap": soap_state_bytes}
+                         "soap": soap_state_bytes,
+                         "kfac": kfac_state_bytes}
 
 
 def bench_memory(specs):
@@ -323,6 +470,10 @@ def _fmt(x, spec=".2f"):
   return "—" if x is None else format(x, spec)
 
 
+def _first(rows, key):
+  return next((r[key] for r in rows if r.get(key) is not None), None)
+
+
 def _verdict(ok):
   return "—" if ok is None else ("pass" if ok else "FAIL")
 
@@ -340,17 +491,31 @@ def markdown(report) -> str:
       "",
       f"Step time, MLP {INPUT_DIM}-{'-'.join(map(str, WIDTHS))}-"
       f"{NUM_CLASSES}, batch {BATCH}, ratio to optax.adam "
-      f"(repeats: {report['repeats']})",
+      f"(repeats: {report['repeats']}); loss on the batch after "
+      f"{LOSS_STEPS} steps (adam: "
+      f"{_fmt(_first(report['step_time'], 'adam_loss'), '.4g')})",
       "",
-      "| optimizer | steps timed | ms/step | adam ms/step | ratio | "
-      "FLOP floor | target | |",
-      "|---|---|---|---|---|---|---|---|"]
+      "| optimizer | steps timed | ms/step (mean) | adam | ratio (mean) | "
+      "ratio (median) | max/median step | "
+      f"loss after {LOSS_STEPS} | FLOP floor | target | |",
+      "|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in report["step_time"]:
+    name = r["optimizer"] + (f" [{r['version']}]" if r.get("version") else "")
     lines.append(
-        f"| {r['optimizer']} | {r['window']} | {1e3 * r['step_s']:.1f} | "
-        f"{1e3 * r['adam_step_s']:.1f} | {r['ratio']:.2f} | "
+        f"| {name} | {r['repeats']}×{r['window']} | "
+        f"{1e3 * r['step']['mean']:.1f} | "
+        f"{1e3 * r['adam_step']['mean']:.1f} | {r['ratio']:.2f} | "
+        f"{r['ratio_median']:.2f} | {r['step']['max_over_median']:.1f} | "
+        f"{_fmt(r['loss'], '.4g')} | "
         f"{_fmt(r['flop_floor'])} | {_fmt(r['target'], '.1f')} | "
         f"{_verdict(r['pass'])} |")
+  for r in report["step_time"]:
+    if r.get("patch"):
+      lines += ["", f"Patched for {r['optimizer']}: {r['patch']}."]
+  skipped = report.get("skipped_peers") or []
+  if skipped:
+    lines += ["", "Peers skipped:", ""] + [
+        f"- {r['optimizer']}: {r['reason']}" for r in skipped]
   shallow, deep = COMPILE_DEPTHS
   lines += [
       "", f"Compile time, MLP width {COMPILE_WIDTH}, target: {deep}/{shallow}"
@@ -381,17 +546,24 @@ def main(argv=None):
                       help="only the targeted configs, one repeat")
   parser.add_argument("--only", nargs="+", metavar="NAME",
                       help="only the registry entries of these optimizers")
+  parser.add_argument("--peers", action="store_true",
+                      help="also time the peers from the package registry "
+                      "(experiments.peers; pip install -e '.[peers]')")
   parser.add_argument("--out", default="results/bench.json")
   args = parser.parse_args(argv)
-  specs = QUICK if args.quick else REGISTRY
+  specs = (QUICK if args.quick else REGISTRY) + (
+      peers_lib.PEERS if args.peers else [])
   if args.only:
     specs = [spec for spec in specs if spec["name"] in args.only]
   repeats = 1 if args.quick else 3
-  firsts = list({spec["name"]: spec for spec in reversed(specs)}.values())
-  report = {"machine": machine(), "quick": args.quick, "repeats": repeats}
-  report["memory"] = bench_memory(specs)
+  own = [spec for spec in specs if not peers_lib.is_peer(spec)]
+  firsts = list({spec["name"]: spec for spec in reversed(own)}.values())
+  report = {"machine": machine(), "quick": args.quick, "repeats": repeats,
+            "peers": args.peers}
+  report["memory"] = bench_memory(own)
   report["compile"] = bench_compile(firsts)
-  report["step_time"] = bench_step_time(specs, repeats)
+  report["step_time"], report["skipped_peers"] = bench_step_time(specs,
+                                                                 repeats)
   report["load_average_end"] = os.getloadavg()
   print(markdown(report))
   os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)

@@ -26,8 +26,6 @@ Its inverse root is applied as a :class:`LowRankRoot` without ever forming a
 is batched over a leading axis of ``N`` stacked blocks.
 """
 
-from __future__ import annotations
-
 from typing import NamedTuple, Optional
 
 import jax
