@@ -26,13 +26,6 @@ REPS = optimizer_cases.representatives()
 STEPS = 3000
 
 
-def parabola(dtype):
-  """optax's vector parabola: ``Σ (x − x*)²`` from ``(−1, 10, 1)``."""
-  x0 = jnp.array([-1.0, 10.0, 1.0], dtype)
-  target = jnp.array([1.0, -1.0, 1.0], dtype)
-  return x0, target, lambda x: jnp.sum(jnp.square(x - target))
-
-
 def rosenbrock(dtype):
   """``(1 − x₀)² + 100 (x₁ − x₀²)²`` from 0; minimum at ``(1, 1)``."""
   x0 = jnp.zeros((2,), dtype)
@@ -57,8 +50,9 @@ def mixed(dtype):
                                 + jnp.sum(jnp.square(x[1] - target[1])))
 
 
-TARGETS = {"parabola": parabola, "rosenbrock": rosenbrock,
-           "matrix_parabola": matrix_parabola, "mixed": mixed}
+# optax's vector parabola is the vector half of ``mixed``.
+TARGETS = {"rosenbrock": rosenbrock, "matrix_parabola": matrix_parabola,
+           "mixed": mixed}
 
 # The cases' own settings (block_size 4, refresh every 2 steps) with a
 # schedule that optax's fixed learning rate cannot express: warm-up, then
@@ -96,8 +90,8 @@ def test_converges_on_optaxs_targets(name, target):
                                err_msg=f"{name} on {target}")
 
 
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32",
-                                   "float64"])
+# bfloat16 and float32 parameters are every conformance case's.
+@pytest.mark.parametrize("dtype", ["float16", "float64"])
 @pytest.mark.parametrize("name", REPS)
 def test_state_and_params_keep_dtypes_under_cond(name, dtype):
   """An update in one branch of ``lax.cond`` and the unchanged parameters

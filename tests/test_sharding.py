@@ -21,6 +21,7 @@ WORKER = os.path.join(os.path.dirname(__file__), "sharding_worker.py")
 CHECKS = (
     "declared_shardings",
     "explicit_ambient_mesh",
+    "explicit_mesh_other_algorithms",
     "fsdp_2x4",
     "matches_single_device_eigh",
     "matches_single_device_newton",
