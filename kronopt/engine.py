@@ -80,6 +80,12 @@ STATISTICS_FINITE = "kronopt_statistics_finite"
 statistics would become non-finite this step, which then counts as an
 overflow and is skipped like the engine's own."""
 
+
+def reported_finite(extra_args) -> jax.Array:
+  """The :data:`STATISTICS_FINITE` flag of ``extra_args`` (True if absent)."""
+  return jnp.asarray(extra_args.get(STATISTICS_FINITE, True))
+
+
 REPORT_COVERED = "kronopt_report_covered"
 """Extra-argument name of a callback ``f(treedef, covered)`` called at trace
 time with the layout's :meth:`covered` flags (used by :func:`kronopt.graft`)."""
@@ -169,7 +175,7 @@ def step_taken(old_state, new_state) -> Optional[jax.Array]:
 
 def _type_spec(x):
   """The partition spec in ``x``'s type (Explicit mesh axes), or ``None``."""
-  return getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+  return getattr(sharding_lib.type_sharding(x), "spec", None)
 
 
 def _stacks_by_shape(leaves):
@@ -666,7 +672,7 @@ def preconditioner_transform(
       stepped = jax.lax.cond(count % statistics_every == 0,
                              stepped_statistics, lambda gs: gs, old_groups)
     stats_finite = tree_all_finite(_changed_leaves(stepped, old_groups))
-    stats_finite &= jnp.asarray(extra_args.get(STATISTICS_FINITE, True))
+    stats_finite &= reported_finite(extra_args)
     taken = finite & stats_finite
     groups = constrain_groups(tree_select(taken, stepped, old_groups))
 

@@ -256,8 +256,7 @@ def graft(direction: optax.GradientTransformation,
     nu = () if nu_update is None else nu_update(state.nu, updates)
     own_finite = (engine.tree_all_finite(nu)
                   & engine.tree_all_finite(_square_sums(updates))
-                  & jnp.asarray(extra_args.get(engine.STATISTICS_FINITE,
-                                               True)))
+                  & engine.reported_finite(extra_args))
     reports = []
     d, d_state = direction.update(
         mu_hat, state.direction, params,

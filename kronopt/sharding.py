@@ -152,20 +152,20 @@ class BlockSharding:
     XLA inserts the communication itself and ``x`` is returned unchanged.
     This holds whether or not the blocks are sharded (``shard_axis``).
     """
-    sharding = _type_sharding(x)
+    sharding = type_sharding(x)
     if not _is_sharded(sharding):
       return x
     return jax.sharding.reshard(x, NamedSharding(sharding.mesh, P()))
 
   def restore(self, x, like):
     """Gives ``x`` the Explicit sharding of ``like`` (see :meth:`gather`)."""
-    sharding = _type_sharding(like)
+    sharding = type_sharding(like)
     if not _is_sharded(sharding):
       return x
     return jax.sharding.reshard(x, sharding)
 
 
-def _type_sharding(x):
+def type_sharding(x):
   """The sharding in ``x``'s type (set by Explicit mesh axes), or ``None``."""
   return getattr(jax.typeof(x), "sharding", None)
 

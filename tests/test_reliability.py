@@ -27,6 +27,7 @@ from kronopt import engine
 sys.path.insert(0, os.path.dirname(__file__))
 from fast_jit import jit  # noqa: E402
 from optimizer_cases import build_for  # noqa: E402
+from optimizer_cases import is_kfac  # noqa: E402
 from optimizer_cases import kfac_layers  # noqa: E402
 from optimizer_cases import kfac_stats  # noqa: E402
 from optimizer_cases import representatives  # noqa: E402
@@ -203,7 +204,7 @@ def test_state_of_another_tree_or_layout_is_a_clear_error(name):
       continue  # both configurations lay the tree out alike: compatible
     grads = jax.tree_util.tree_map(jnp.ones_like, tree)
     extra = ({"kfac_stats": kfac_stats(kfac_layers(tree), grads)}
-             if "layers" in conf.CASES[name].kwargs else {})
+             if is_kfac(name) else {})
     try:
       _trace_update(update_tx, state, grads, extra)
     except ValueError as err:

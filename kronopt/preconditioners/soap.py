@@ -336,8 +336,8 @@ def scale_by_soap(
     adam_finite = engine.tree_all_finite([v for _, _, v in steps.values()])
     d, inner_state = inner.update(
         updates, state.preconditioner, params,
-        **{**extra_args, engine.STATISTICS_FINITE: adam_finite & jnp.asarray(
-            extra_args.get(engine.STATISTICS_FINITE, True))})
+        **{**extra_args, engine.STATISTICS_FINITE:
+           adam_finite & engine.reported_finite(extra_args)})
     taken = engine.step_taken(state.preconditioner, inner_state)
     out = treedef.flatten_up_to(d)
     for i, (u, m, v) in steps.items():
